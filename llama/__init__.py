@@ -1,1 +1,2 @@
 from .tokenizer import Tokenizer
+from .model import ModelArgs, Transformer

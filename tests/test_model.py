@@ -1,0 +1,223 @@
+"""llama.model against independent references: transformers' LlamaForCausalLM (logits, RoPE), Meta's
+complex-number RoPE formula, and the model run on each packed document alone / without a cache."""
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+import llama.model as M
+from llama.checkpoint import hf_to_meta_key, permute_for_hf, unpermute_from_hf
+from llama.model import ModelArgs, Transformer, apply_rope, resize_embeddings, rope_tables
+
+DIM, LAYERS, HEADS, KV_HEADS, VOCAB, HIDDEN = 64, 2, 4, 2, 256, 192  # 192 = Meta's rule for dim 64, multiple_of 32
+ARGS = dict(dim=DIM, n_layers=LAYERS, n_heads=HEADS, n_kv_heads=KV_HEADS, vocab_size=VOCAB, multiple_of=32,
+            norm_eps=1e-6, rope_theta=10000.0, max_seq_len=128)
+
+
+def hf_tiny(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=DIM, intermediate_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                      num_key_value_heads=KV_HEADS, vocab_size=VOCAB, rms_norm_eps=1e-6, rope_theta=10000.0,
+                      max_position_embeddings=128, attn_implementation="eager")
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # HF initialises norms to 1: randomise them so a swapped norm cannot pass
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def hf_to_meta_state_dict(hf: LlamaForCausalLM) -> dict[str, torch.Tensor]:
+    sd = {}
+    for k, v in hf.state_dict().items():
+        name = hf_to_meta_key(k)
+        if name.endswith("attention.wq.weight"):
+            v = unpermute_from_hf(v, HEADS)
+        elif name.endswith("attention.wk.weight"):
+            v = unpermute_from_hf(v, KV_HEADS)
+        sd[name] = v.clone()
+    return sd
+
+
+def ours_from(hf: LlamaForCausalLM) -> Transformer:
+    model = Transformer(ModelArgs(**ARGS)).eval()
+    model.load_state_dict(hf_to_meta_state_dict(hf), strict=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def pair():
+    hf = hf_tiny()
+    return hf, ours_from(hf)
+
+
+def test_ffn_hidden_dim_follows_meta_rule():
+    # Meta's sizes: 7B 4096 -> 11008, 13B 5120 -> 13824, 70B 8192 (x1.3, multiple_of 4096) -> 28672
+    for dim, mult, m in ((4096, None, 256), (5120, None, 256), (8192, 1.3, 4096)):
+        with torch.device("meta"):
+            ff = M.FeedForward(dim, m, mult)
+        assert ff.w1.weight.shape[0] == {4096: 11008, 5120: 13824, 8192: 28672}[dim]
+
+
+def test_logits_match_transformers(pair):
+    hf, ours = pair
+    tokens = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        out = ours(tokens)
+    err = (out - ref).abs().max().item()
+    print(f"max |logits - HF| = {err:.2e}")
+    assert out.shape == (3, 40, VOCAB) and out.dtype == torch.float32
+    assert err < 1e-4
+
+
+def test_rope_matches_meta_complex_formula():
+    # Meta's reference: view pairs as complex numbers and multiply by e^{i p theta_k}
+    B, T, H, D = 2, 9, 3, 16
+    x = torch.randn(B, T, H, D)
+    freqs = 1.0 / (10000.0 ** (torch.arange(0, D, 2)[: D // 2].float() / D))
+    freqs_cis = torch.polar(torch.ones(T, D // 2), torch.outer(torch.arange(T).float(), freqs))
+    ref = torch.view_as_real(torch.view_as_complex(x.reshape(B, T, H, D // 2, 2)) * freqs_cis[None, :, None]).flatten(3)
+    cos, sin = rope_tables(D, T, 10000.0)
+    assert torch.allclose(apply_rope(x, cos[None], sin[None]), ref, atol=1e-6)
+
+
+def test_permutation_turns_meta_rope_into_hf_rope():
+    """Independent of logits: rotating Meta-ordered q the Meta way, then permuting its features, equals
+    permuting first and rotating the HF way (transformers' apply_rotary_pos_emb)."""
+    B, T, H, D = 2, 11, 4, 16
+    x = torch.randn(B, T, 32)
+    w_meta = torch.randn(H * D, 32)
+    q_meta = (x @ w_meta.T).view(B, T, H, D)
+    q_hf = (x @ permute_for_hf(w_meta, H).T).view(B, T, H, D)
+    cos, sin = rope_tables(D, T, 10000.0)
+    rot_meta = apply_rope(q_meta, cos[None], sin[None])  # (B, T, H, D)
+    cfg = LlamaConfig(hidden_size=H * D, num_attention_heads=H, rope_theta=10000.0, max_position_embeddings=T)
+    hcos, hsin = LlamaRotaryEmbedding(cfg)(q_hf, torch.arange(T)[None].expand(B, T))
+    rot_hf, _ = apply_rotary_pos_emb(q_hf.transpose(1, 2), q_hf.transpose(1, 2), hcos, hsin)  # (B, H, T, D)
+    # the permutation acts on each head's D features exactly as on the rows of w
+    rot_meta_as_hf = permute_for_hf(rot_meta.reshape(B * T, H * D).T, H).T.reshape(B, T, H, D)
+    assert torch.allclose(rot_meta_as_hf, rot_hf.transpose(1, 2), atol=1e-5)
+    assert torch.equal(unpermute_from_hf(permute_for_hf(w_meta, H), H), w_meta)
+
+
+def test_doc_positions_restart_at_each_document():
+    # RoPE scores depend only on relative positions, so logits alone cannot see the restart: check it directly
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2, -1, -1], [5, 5, 5, 5, 5, 5, 5, 5]])
+    assert M.doc_positions(doc_ids).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1], list(range(8))]
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_packed_documents_are_isolated(pair):
+    _, ours = pair
+    g = torch.Generator().manual_seed(2)
+    lens = [[5, 7, 9, 3], [16, 8]]  # row 0 ends with a 3-token padded tail
+    T = 24
+    docs = [[torch.randint(0, VOCAB, (n,), generator=g) for n in row] for row in lens]
+    tokens = torch.stack([torch.cat(row) for row in docs])
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7 + [2] * 9 + [-1] * 3, [0] * 16 + [1] * 8])
+    with torch.no_grad():
+        packed = ours(tokens, doc_ids)
+        for flex in (False, True):  # the SDPA boolean mask, and the flex_attention BlockMask CUDA uses
+            if flex and M.create_block_mask is None:
+                continue
+            M.USE_FLEX = flex
+            try:
+                packed = ours(tokens, doc_ids)
+            finally:
+                M.USE_FLEX = None
+            for r, row in enumerate(docs):
+                s = 0
+                for i, d in enumerate(row):
+                    alone = ours(d[None])[0]
+                    err = (packed[r, s: s + len(d)] - alone).abs().max().item()
+                    assert err < 1e-5, f"row {r} doc {i} (flex={flex}): {err}"
+                    s += len(d)
+    assert s == T
+
+
+def test_kv_cache_matches_full_forward(pair):
+    _, ours = pair
+    tokens = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = ours(tokens)
+        ours.setup_cache(4, 32)
+        try:
+            steps = [ours(tokens[:, :6], start_pos=0), ours(tokens[:, 6:10], start_pos=6)]  # prefill in two chunks
+            steps += [ours(tokens[:, t: t + 1], start_pos=t) for t in range(10, 20)]  # then one token at a time
+        finally:
+            ours.clear_cache()
+    assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-5
+    assert all(layer.attention.cache_k is None for layer in ours.layers)
+
+
+def test_return_hidden_is_pre_output(pair):
+    _, ours = pair
+    tokens = torch.randint(0, VOCAB, (1, 7))
+    with torch.no_grad():
+        assert torch.allclose(ours.output(ours(tokens, return_hidden=True)), ours(tokens), atol=1e-6)
+
+
+def test_grad_checkpointing_gives_same_grads(pair):
+    hf, _ = pair
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(4))
+    doc_ids = torch.tensor([[0] * 10 + [1] * 6, [0] * 16])
+    grads = []
+    for ckpt in (False, True):
+        model = ours_from(hf).train()
+        model.grad_checkpointing = ckpt
+        F.cross_entropy(model(tokens, doc_ids).flatten(0, 1), tokens.flatten()).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for n, g in grads[0].items():
+        assert torch.allclose(g, grads[1][n], atol=1e-6), n
+
+
+def test_resid_dropout():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**ARGS)).train()
+    tokens = torch.randint(0, VOCAB, (1, 8))
+    for block in model.layers:
+        block.resid_dropout = 1.0  # every branch dropped: the residual stream is the embedding itself
+    assert torch.allclose(model(tokens), model.output(model.norm(model.tok_embeddings(tokens))), atol=1e-6)
+    model.eval()  # dropout is off outside training
+    for block in model.layers:
+        block.resid_dropout = 0.0
+    ref = model(tokens)
+    for block in model.layers:
+        block.resid_dropout = 0.5
+    assert torch.equal(model(tokens), ref)
+
+
+def test_resize_embeddings(pair):
+    hf, _ = pair
+    model = ours_from(hf).to(torch.bfloat16)
+    emb, out = model.tok_embeddings.weight.clone(), model.output.weight.clone()
+    resize_embeddings(model, VOCAB + 2)  # two added special tokens -> rounded up to 384 rows
+    assert model.args.vocab_size == 384 and model.tok_embeddings.weight.shape == (384, DIM)
+    assert model.output.weight.shape == (384, DIM) and model.output.weight.dtype == torch.bfloat16
+    assert torch.equal(model.tok_embeddings.weight[:VOCAB], emb) and torch.equal(model.output.weight[:VOCAB], out)
+    for w, old in ((model.tok_embeddings.weight, emb), (model.output.weight, out)):
+        assert torch.allclose(w[VOCAB:].float(), old.float().mean(0).expand(384 - VOCAB, -1), atol=1e-2)
+    assert model(torch.tensor([[383, 5]])).shape == (1, 2, 384)
+    resize_embeddings(model, 100)  # never shrinks
+    assert model.tok_embeddings.weight.shape[0] == 384
+
+
+def test_build_on_meta_then_assign(pair):
+    hf, ours = pair
+    with torch.device("meta"):
+        model = Transformer(ModelArgs(**ARGS))
+    model.load_state_dict(hf_to_meta_state_dict(hf), strict=True, assign=True)
+    model.init_rope("cpu")
+    tokens = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(tokens), ours(tokens))
+
+
+def test_rope_tables_stay_fp32_through_casts():
+    model = Transformer(ModelArgs(**ARGS))
+    cos = model.rope_cos.clone()
+    model.to(torch.bfloat16)
+    assert model.rope_cos.dtype == torch.float32 and torch.equal(model.rope_cos, cos)
+    assert model.tok_embeddings.weight.dtype == torch.bfloat16
