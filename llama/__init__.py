@@ -1,2 +1,3 @@
 from .tokenizer import Tokenizer
 from .model import ModelArgs, Transformer
+from .checkpoint import load_model, save_model

@@ -23,9 +23,25 @@ Loading streams: the model is built on the `meta` device (no memory), files are 
 cast, moved to the device, passed to an optional `hook` and assigned. Peak memory stays near one copy
 of the model in the target dtype.
 """
+import json
+import os
+import pickle
 import re
+import shutil
+from collections.abc import Callable, Iterable
+from itertools import groupby
+from pathlib import Path
 
-from torch import Tensor
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .model import ModelArgs, Transformer
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file is missing, malformed, or disagrees with its own config."""
 
 # ---------------------------------------------------------------------------------------------------
 # Hugging Face names and the q/k row permutation
@@ -89,3 +105,391 @@ def unpermute_from_hf(w: Tensor, n_heads: int) -> Tensor:
     D = w.shape[0] // n_heads
     assert n_heads * D == w.shape[0] and D % 2 == 0, f"{tuple(w.shape)} rows do not split into {n_heads} heads"
     return w.reshape(n_heads, 2, D // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------
+
+Hook = Callable[[str, Tensor], "Tensor | nn.Module"]
+_COLUMN_PARALLEL = ("wq", "wk", "wv", "w1", "w3", "output")  # Meta split their output rows: cat dim 0
+_ROW_PARALLEL = ("wo", "w2", "tok_embeddings")  # split along the input (embedding) dim: cat dim 1
+_IGNORED_META = ("rope.freqs",)  # a precomputed RoPE buffer in Meta's files; we recompute it
+
+
+def find_tokenizer(path: str | Path) -> Path | None:
+    """tokenizer.model in the checkpoint folder, or in its parent (Meta's download puts it beside the
+    llama-2-7b/ folders)."""
+    path = Path(path)
+    for p in (path / "tokenizer.model", path.parent / "tokenizer.model"):
+        if p.is_file():
+            return p
+    return None
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+               hook: Hook | None = None) -> Transformer:
+    """Load a Meta or Hugging Face Llama checkpoint folder, streaming one tensor at a time.
+
+    hook(name, tensor), if given, is called once per tensor (Meta names, after merging shards, casting to
+    dtype and moving to device). It returns the tensor to use as the parameter, or an nn.Module that
+    replaces the nn.Linear owning "<module>.weight" (how quant/ quantizes while loading).
+    Returns the model in eval mode."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder {path} does not exist")
+    if (path / "params.json").is_file():
+        args, names, stream = _open_meta(path)
+    elif (path / "config.json").is_file():
+        args, names, stream = _open_hf(path)
+    else:
+        raise CheckpointError(f"{path}: neither params.json (Meta layout) nor config.json (Hugging Face layout) found")
+    _check_tokenizer(path, args.vocab_size)
+
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {n: p.shape for n, p in model.named_parameters()}
+    if set(names) != set(expected):
+        missing, extra = sorted(set(expected) - set(names)), sorted(set(names) - set(expected))
+        raise CheckpointError(f"{path}: tensors do not match a Llama model with these params "
+                              f"(missing {missing[:5]}, unexpected {extra[:5]})")
+    for name, src, mapped in stream(list(expected)):  # in model order, a layer at a time
+        if src.shape != expected[name]:
+            raise CheckpointError(f"{path}: tensor {name} has shape {tuple(src.shape)}, but the config implies "
+                                  f"{tuple(expected[name])}")
+        t = src.to(dtype).to(device)
+        if mapped and t.data_ptr() == src.data_ptr():
+            t = t.clone()  # never let a parameter alias a memory-mapped file (it is read-only data we close)
+        del src
+        _assign(model, name, hook(name, t) if hook is not None else t)
+    model.init_rope(device)
+    return model.eval()
+
+
+def _assign(model: nn.Module, name: str, value: Tensor | nn.Module) -> None:
+    module_name, _, pname = name.rpartition(".")
+    if isinstance(value, nn.Module):
+        if pname != "weight" or not isinstance(model.get_submodule(module_name), nn.Linear):
+            raise TypeError(f"load hook returned a module for {name}; only a Linear's .weight can be replaced")
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, value)
+    else:
+        setattr(model.get_submodule(module_name), pname, nn.Parameter(value, requires_grad=value.is_floating_point()))
+
+
+def _by_layer(names: list[str]) -> Iterable[list[str]]:
+    """Group names so that files are reopened per layer: only one layer's pages of a memory-mapped file are
+    ever resident on top of the loaded tensors."""
+    for _, group in groupby(names, key=lambda n: ".".join(n.split(".")[:2]) if n.startswith("layers.") else n):
+        yield list(group)
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        cfg = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: cannot be read as JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return cfg
+
+
+def _require(cfg: dict, keys: Iterable[str], file: Path) -> None:
+    missing = [k for k in keys if k not in cfg]
+    if missing:
+        raise CheckpointError(f"{file}: missing required key(s) {missing}")
+
+
+# ---- Meta layout
+
+
+def _torch_load(file: Path) -> dict[str, Tensor]:
+    try:
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"{file}: cannot be read as a PyTorch checkpoint; truncated or corrupt? ({e})") from e
+
+
+def _open_meta(path: Path):
+    params_file = path / "params.json"
+    params = _read_json(params_file)
+    _require(params, ("dim", "n_layers", "n_heads"), params_file)
+    files = sorted(path.glob("consolidated.*.pth"))
+    if not files:
+        raise CheckpointError(f"{path}: params.json but no consolidated.NN.pth weight files")
+    want = [path / f"consolidated.{i:02d}.pth" for i in range(len(files))]
+    if files != want:
+        raise CheckpointError(f"{path}: shard files {[f.name for f in files]} are not consolidated.00 .. "
+                              f"{len(files) - 1:02d} (a model-parallel shard is missing or misnamed)")
+    first = _torch_load(files[0])
+    keys = set(first) - set(_IGNORED_META)
+    for f in files[1:]:
+        other = set(_torch_load(f)) - set(_IGNORED_META)
+        if other != keys:
+            raise CheckpointError(f"{f}: holds different tensors than {files[0].name} "
+                                  f"(e.g. {sorted(other ^ keys)[:3]}): the shards are not from one checkpoint")
+
+    fields = ModelArgs.__dataclass_fields__
+    args = ModelArgs(**{k: v for k, v in params.items() if k in fields})  # other keys (e.g. Llama 3's) ignored
+    if args.vocab_size <= 0:
+        if "tok_embeddings.weight" not in first:
+            raise CheckpointError(f"{files[0]}: no tok_embeddings.weight, so vocab_size -1 cannot be resolved")
+        args.vocab_size = first["tok_embeddings.weight"].shape[0]  # rows are not split, only columns
+    del first
+
+    def merge(name: str, parts: list[Tensor]) -> Tensor:
+        if len(parts) == 1:
+            return parts[0]
+        kind = name.split(".")[-2]
+        if kind in _COLUMN_PARALLEL:
+            return torch.cat(parts, dim=0)
+        if kind in _ROW_PARALLEL:
+            return torch.cat(parts, dim=1)
+        return parts[0]  # norms are replicated on every rank
+
+    def stream(names: list[str]):
+        for group in _by_layer(names):
+            shards = [_torch_load(f) for f in files]
+            for name in group:
+                parts = [s[name] for s in shards]
+                if len({p.shape for p in parts}) != 1:
+                    raise CheckpointError(f"{path}: tensor {name} has different shapes across shards "
+                                          f"{[tuple(p.shape) for p in parts]}")
+                yield name, merge(name, parts), len(parts) == 1  # one shard: still the mmap'd tensor
+                del parts
+            del shards
+
+    return args, sorted(keys), stream
+
+
+# ---- Hugging Face layout
+
+
+def _safe_open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: cannot be read as safetensors; truncated or corrupt? ({e})") from e
+
+
+def _hf_args(cfg: dict, file: Path) -> ModelArgs:
+    _require(cfg, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"), file)
+    if cfg.get("model_type", "llama") != "llama":
+        raise CheckpointError(f"{file}: model_type {cfg['model_type']!r}, expected 'llama'")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}  # transformers 5 / 4
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise CheckpointError(f"{file}: RoPE scaling {rope} is not supported (Llama 2 uses plain RoPE)")
+    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    if cfg.get("head_dim", dim // n_heads) != dim // n_heads:
+        raise CheckpointError(f"{file}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads")
+    # Meta's FFN rule (2/3 * 4 * dim, x ffn_dim_multiplier, rounded up to multiple_of) must give
+    # intermediate_size: Llama 2 7B/13B are multiple_of 256; otherwise choose values that hit it exactly.
+    hidden, base = cfg["intermediate_size"], int(2 * 4 * dim / 3)
+    multiple_of, mult = (256, None) if 256 * -(-base // 256) == hidden else (hidden, hidden / base)
+    return ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+                     n_kv_heads=cfg.get("num_key_value_heads") or n_heads, vocab_size=cfg["vocab_size"],
+                     multiple_of=multiple_of, ffn_dim_multiplier=mult, norm_eps=cfg.get("rms_norm_eps", 1e-5),
+                     rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+                     max_seq_len=cfg.get("max_position_embeddings", 4096))
+
+
+def _open_hf(path: Path):
+    cfg_file = path / "config.json"
+    args = _hf_args(_read_json(cfg_file), cfg_file)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no weight_map")
+        for fname in set(weight_map.values()):
+            if not (path / fname).is_file():
+                raise CheckpointError(f"{index} names {fname}, which is not in {path}")
+    else:
+        files = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else sorted(path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{path}: config.json but no *.safetensors weights")
+        weight_map = {}
+        for f in files:
+            with _safe_open(f) as sf:
+                weight_map.update({k: f.name for k in sf.keys()})
+
+    where = {}  # Meta name -> (file, HF key)
+    for key, fname in weight_map.items():
+        if key.endswith("rotary_emb.inv_freq"):  # a buffer some older exports saved; recomputed
+            continue
+        try:
+            where[hf_to_meta_key(key)] = (path / fname, key)
+        except ValueError as e:
+            raise CheckpointError(f"{path / fname}: unexpected tensor {key!r}") from e
+    if "output.weight" not in where:
+        if "tok_embeddings.weight" in where and _read_json(cfg_file).get("tie_word_embeddings", False):
+            where["output.weight"] = where["tok_embeddings.weight"]  # tied: output starts as a copy of the embedding
+        else:
+            raise CheckpointError(f"{path}: no lm_head.weight and tie_word_embeddings is not set in config.json")
+
+    def stream(names: list[str]):
+        for group in _by_layer(names):
+            handles = {}
+            for name in group:
+                file, key = where[name]
+                if file not in handles:
+                    handles[file] = _safe_open(file)
+                t = handles[file].get_tensor(key)
+                if name.endswith("attention.wq.weight"):
+                    t = unpermute_from_hf(t, args.n_heads)
+                elif name.endswith("attention.wk.weight"):
+                    t = unpermute_from_hf(t, args.n_kv_heads or args.n_heads)
+                yield name, t, False  # get_tensor copies out of the file
+            del handles
+
+    return args, sorted(where), stream
+
+
+def _check_tokenizer(path: Path, vocab_size: int) -> None:
+    """The embedding must have a row for every token id; it may be larger only by padding to a multiple of 128."""
+    tok = find_tokenizer(path)
+    if tok is None:
+        return
+    from sentencepiece import SentencePieceProcessor
+    try:
+        n = SentencePieceProcessor(model_file=str(tok)).vocab_size()
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(f"{tok}: cannot be read as a SentencePiece model ({e})") from e
+    added = tok.parent / "added_tokens.json"
+    if added.is_file():
+        n = max([n, *(int(i) + 1 for i in _read_json(added).values())])
+    if not (vocab_size == n or (n < vocab_size < n + 128 and vocab_size % 128 == 0)):
+        raise CheckpointError(f"{tok} (with {added.name if added.is_file() else 'no added tokens'}) has {n} tokens, "
+                              f"but the checkpoint in {path} has {vocab_size} embedding rows")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------------
+
+
+def export_state_dict(model: Transformer) -> dict[str, Tensor]:
+    """Meta-named dense weights of `model`. A module with a `dequantize()` method (quant.NF4Linear) gives
+    its dequantized weight as "<module>.weight"; anything else that is not a plain parameter of the Llama
+    architecture (e.g. LoRA adapters not yet merged) is an error."""
+    sd: dict[str, Tensor] = {}
+    skip: list[str] = []
+    for mname, module in model.named_modules():
+        if any(mname.startswith(s + ".") for s in skip):
+            continue
+        if callable(getattr(module, "dequantize", None)) and not isinstance(getattr(module, "weight", None), nn.Parameter):
+            sd[f"{mname}.weight"] = module.dequantize()
+            skip.append(mname)
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            sd[f"{mname}.{pname}" if mname else pname] = p
+    with torch.device("meta"):
+        expected = {n: p.shape for n, p in Transformer(model.args).named_parameters()}
+    if set(sd) != set(expected):
+        missing, extra = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+        raise ValueError(f"save_model: the model is not a plain Llama (missing {missing[:3]}, extra {extra[:3]}); "
+                         "merge LoRA adapters first (lora.merge_lora)")
+    for n, t in sd.items():
+        if t.shape != expected[n]:
+            raise ValueError(f"save_model: {n} has shape {tuple(t.shape)}, args imply {tuple(expected[n])}")
+    return {n: sd[n].detach() for n in expected}
+
+
+def meta_params(args: ModelArgs) -> dict:
+    """params.json as Meta writes it. Meta's Llama 2 loader passes these to its ModelArgs(max_seq_len=...,
+    **params), so max_seq_len must not appear and rope_theta only where it is not the default."""
+    params = dict(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, multiple_of=args.multiple_of,
+                  norm_eps=args.norm_eps, vocab_size=args.vocab_size)
+    if args.n_kv_heads is not None and args.n_kv_heads != args.n_heads:
+        params["n_kv_heads"] = args.n_kv_heads
+    if args.ffn_dim_multiplier is not None:
+        params["ffn_dim_multiplier"] = args.ffn_dim_multiplier
+    if args.rope_theta != 10000.0:
+        params["rope_theta"] = args.rope_theta
+    return params
+
+
+def hf_config(args: ModelArgs, intermediate_size: int, dtype: torch.dtype) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": args.dim, "intermediate_size": intermediate_size,
+        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads or args.n_heads,
+        "num_hidden_layers": args.n_layers, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+        "rope_scaling": None, "vocab_size": args.vocab_size, "max_position_embeddings": args.max_seq_len,
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None, "initializer_range": 0.02,
+        "torch_dtype": str(dtype).removeprefix("torch."), "use_cache": True,
+    }
+
+
+def save_model(model: Transformer, path: str | Path, layout: str = "meta", tokenizer: str | Path | None = None,
+               max_shard_size: int = 5 * 10**9) -> Path:
+    """Write `model` as a Meta folder (consolidated.00.pth + params.json) or a Hugging Face folder
+    (config.json + model.safetensors, split into model-0000k-of-0000n.safetensors + index past max_shard_size
+    bytes). `tokenizer` (a tokenizer.model or its folder) is copied in, with its added_tokens.json.
+    Written to a temporary folder and renamed into place, so a crash never leaves a half-written `path`."""
+    if layout not in ("meta", "hf"):
+        raise ValueError(f"save_model: layout must be 'meta' or 'hf', got {layout!r}")
+    path = Path(path)
+    tok_files: list[Path] = []
+    if tokenizer is not None:
+        tok = Path(tokenizer)
+        tok = tok / "tokenizer.model" if tok.is_dir() else tok
+        if not tok.is_file():
+            raise ValueError(f"save_model: tokenizer {tok} does not exist")
+        tok_files = [tok] + ([tok.parent / "added_tokens.json"] if (tok.parent / "added_tokens.json").is_file() else [])
+
+    sd = export_state_dict(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        if layout == "meta":
+            torch.save({n: t.cpu().contiguous() for n, t in sd.items()}, tmp / "consolidated.00.pth")
+            (tmp / "params.json").write_text(json.dumps(meta_params(model.args), indent=2))
+        else:
+            dtype = sd["tok_embeddings.weight"].dtype
+            hidden = sd["layers.0.feed_forward.w1.weight"].shape[0]
+            (tmp / "config.json").write_text(json.dumps(hf_config(model.args, hidden, dtype), indent=2))
+            _save_hf_weights(sd, model.args, tmp, max_shard_size)
+        for f in tok_files:
+            shutil.copyfile(f, tmp / f.name)
+        if path.exists():  # replace: move the old folder aside first (a rename cannot replace a non-empty dir)
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _save_hf_weights(sd: dict[str, Tensor], args: ModelArgs, folder: Path, max_shard_size: int) -> None:
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, t in sd.items():
+        if name.endswith("attention.wq.weight"):
+            t = permute_for_hf(t, args.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            t = permute_for_hf(t, args.n_kv_heads or args.n_heads)
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][meta_to_hf_key(name)] = t.cpu().contiguous()
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
