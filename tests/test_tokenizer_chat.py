@@ -12,8 +12,10 @@ import re
 
 import pytest
 import sentencepiece as spm
+import torch
 
 from llama.chat import TEMPLATES, _encode_segments, encode_chat, required_special_tokens, stop_ids
+from llama.model import ModelArgs, Transformer, resize_embeddings
 from llama.tokenizer import Tokenizer
 
 CORPUS = """The quick brown fox jumps over the lazy dog.
@@ -196,16 +198,12 @@ def test_bad_added_tokens_file(tiny_tokenizer_path):
 
 def test_added_tokens_with_resized_model(tiny_tokenizer_path):
     """The caller's recipe: add tokens, grow the embedding, then the new ids run through the model."""
-    import torch
-
-    model_mod = pytest.importorskip("llama.model", reason="llama/model.py has not landed")
     tok = Tokenizer(tiny_tokenizer_path)
-    V = tok.n_words
-    args = model_mod.ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=V, multiple_of=16,
-                               ffn_dim_multiplier=None, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=64)
-    model = model_mod.Transformer(args)
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words, multiple_of=16,
+                     ffn_dim_multiplier=None, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=256)
+    model = Transformer(args)
     ids = tok.add_special_tokens(required_special_tokens("chatml"))
-    model_mod.resize_embeddings(model, tok.n_words)
+    resize_embeddings(model, tok.n_words)
     rows = model.tok_embeddings.weight.shape[0]
     assert rows >= tok.n_words and rows % 128 == 0 and model.output.weight.shape[0] == rows
     x, _ = encode_chat(tok, DIALOG, "chatml")
