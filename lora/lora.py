@@ -219,9 +219,12 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float 
                          f"(expected names like wq, wk, wv, wo, w1, w2, w3)")
     for name in modules_to_save:
         try:
-            model.get_submodule(name).requires_grad_(True)
+            module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"modules_to_save: {type(model).__name__} has no module {name!r}") from None
+        if hasattr(module, "dequantize"):
+            raise ValueError(f"modules_to_save: {name!r} is quantized; a fully trained module must stay dense")
+        module.requires_grad_(True)
     for m in model.modules():
         if isinstance(m, LoRALinear):
             m.lora_A.requires_grad_(True)
@@ -360,9 +363,10 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     for name, m in wrapped.items():
         for which, want in (("lora_A", (m.r, m.in_features)), ("lora_B", (m.out_features, m.r))):
             t = lora[name].get(which)
-            if t is None or tuple(t.shape) != want:
-                got = None if t is None else tuple(t.shape)
-                raise ValueError(f"{w_file}: {name}.{which} has shape {got}, the model needs {want}")
+            if t is None:
+                raise ValueError(f"{w_file}: {which} of {name} is missing")
+            if tuple(t.shape) != want:
+                raise ValueError(f"{w_file}: {which} of {name} has shape {tuple(t.shape)}, the model needs {want}")
             if which == "lora_B" and (heads := _qk_heads(model, name)) is not None:
                 t = unpermute_from_hf(t, heads)  # HF rotary row order -> Meta's
             getattr(m, which).copy_(t)
