@@ -46,7 +46,7 @@ PREFIX = "base_model.model."  # PEFT's prefix before the transformers module nam
 
 
 def _drop_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """Bool mask, True where an element is dropped, with probability round(p * 2^16) / 2^16.
+    """Bool mask, True where an element is dropped, each with probability _drop_codes(p) / 2^16 (p to 1e-5).
 
     The same seed draws the same mask, so the backward regenerates it instead of storing it. Each
     element compares 16 random bits with a threshold: one int64 draw feeds four elements, ~3x faster
@@ -55,15 +55,11 @@ def _drop_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> 
     gen.manual_seed(seed)
     n = shape.numel()
     bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device, generator=gen)
-    return (bits.view(torch.int16)[:n] < _drop_threshold(p)).view(shape)
+    return (bits.view(torch.int16)[:n] < -2**15 + _drop_codes(p)).view(shape)
 
 
-def _drop_threshold(p: float) -> int:
-    return -2**15 + round(p * 2**16)  # P(int16 < threshold) = round(p * 2^16) / 2^16
-
-
-def _keep_prob(p: float) -> float:
-    return 1 - round(p * 2**16) / 2**16
+def _drop_codes(p: float) -> int:
+    return round(p * 2**16)  # of the 2^16 int16 values, how many drop
 
 
 class _LoRAFunction(torch.autograd.Function):
@@ -136,7 +132,7 @@ class LoRALinear(nn.Module):
             return out
         p = self.dropout if self.training else 0.0
         seed = int(torch.randint(0, 2**62, ())) if p > 0 else 0  # from torch's global RNG: manual_seed fixes it
-        c = self.scale / _keep_prob(p)  # inverted dropout's 1/(1-p) folded into the scale
+        c = self.scale / (1 - _drop_codes(p) / 2**16)  # inverted dropout's 1/(1-p) folded into the scale
         return _LoRAFunction.apply(x, out.contiguous(), self.lora_A, self.lora_B, c, p, seed)
 
     def delta_weight(self) -> torch.Tensor:

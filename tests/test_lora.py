@@ -416,3 +416,26 @@ def test_merge_lora_over_nf4_model(hf_dir, tokens):
     merge_lora(model)
     assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in TARGETS)
     torch.testing.assert_close(our_logits(model, tokens), want, atol=1e-4, rtol=0)
+
+
+def test_dropout_masks_replay_under_grad_checkpointing():
+    """Activation checkpointing recomputes the forward: the dropout seeds come from torch's RNG, which
+    checkpoint restores, so the gradients equal those without checkpointing."""
+    from llama import ModelArgs, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, multiple_of=16,
+                                  max_seq_len=64))
+    apply_lora(model, r=4, alpha=8, dropout=0.2)
+    randomize_adapters(model, seed=6)
+    tokens = torch.randint(0, VOCAB, (2, 16))
+    grads = []
+    for ckpt in (False, True):
+        model.grad_checkpointing = ckpt
+        model.train().zero_grad()
+        torch.manual_seed(7)
+        model(tokens).logsumexp(-1).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for n, g in grads[0].items():
+        assert g.abs().max() > 0
+        torch.testing.assert_close(grads[1][n], g, atol=1e-7, rtol=1e-6)
