@@ -1,0 +1,223 @@
+"""Sampling with a KV cache, and the chat command line `python -m llama.generate`.
+
+Batched decoding follows Meta's `generate` (meta-llama/llama, llama/generation.py): the prompts are
+right-padded into one [B, total] buffer, decoding starts at the *shortest* prompt's length, and at each
+position a row keeps its own prompt token where it has one and takes the sampled token where it does not.
+The first step is one forward over tokens[:, 0:min_len] (prefill); every later step feeds one token per row
+and attends to the cached keys/values of everything before it (`Transformer.setup_cache`, `start_pos`).
+
+Sampling: temperature 0 is greedy (argmax). Otherwise softmax(logits / T), then nucleus (top-p) filtering
+(Holtzman et al. 2019, "The Curious Case of Neural Text Degeneration"): sort the probabilities, keep the
+tokens while the mass before them is at most p (the most likely token is always kept), renormalise, sample.
+
+Streaming text: SentencePiece puts a word's leading space inside its token ("▁world") and drops the space of
+the first token when decoding, and byte-fallback tokens carry parts of one UTF-8 character, so decoding
+token by token loses spaces and prints broken characters. `TextStream` decodes the whole growing reply and
+writes the new suffix, holding back while the text ends in an incomplete character.
+"""
+import argparse
+import sys
+from collections.abc import Callable, Iterable
+
+import torch
+
+from .chat import TEMPLATES, encode_chat, required_special_tokens, stop_ids as template_stop_ids
+from .tokenizer import Tokenizer
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """[..., V] probabilities -> the same with everything outside the top-p nucleus zeroed, renormalised."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # Drop a token when the mass of the tokens before it already exceeds top_p (Meta's rule; the first is always kept).
+    sorted_probs[sorted_probs.cumsum(-1) - sorted_probs > top_p] = 0.0
+    sorted_probs /= sorted_probs.sum(-1, keepdim=True)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[B, V] logits -> [B] token ids."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        probs = top_p_filter(probs, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             stop_ids: Iterable[int] = (), on_token: Callable[[int, int], None] | None = None,
+             vocab_size: int | None = None, generator: torch.Generator | None = None) -> list[list[int]]:
+    """Continue each prompt; returns the new tokens of each, without the stop token that ended it.
+
+    `on_token(batch_index, token_id)` is called for every new token as it is sampled (not for stop tokens).
+    `vocab_size` restricts sampling to ids below it (the embedding may be padded past the tokenizer's vocabulary).
+    The model runs in eval mode (its previous mode is restored after); its KV cache is set up for this call
+    and freed after it.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token (bos)")
+    max_seq_len = model.args.max_seq_len
+    lens = [len(p) for p in prompts]
+    if max(lens) >= max_seq_len:
+        raise ValueError(f"generate: a prompt has {max(lens)} tokens; the model's max_seq_len is {max_seq_len}")
+    B, total = len(prompts), min(max_seq_len, max(lens) + max_new_tokens)
+    device = model.tok_embeddings.weight.device
+    tokens = torch.zeros(B, total, dtype=torch.long, device=device)  # [B, total]; right-padded prompts
+    for b, p in enumerate(prompts):
+        tokens[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+    is_prompt = torch.arange(total, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
+    stops = set(int(s) for s in stop_ids)
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [max_new_tokens <= 0] * B
+    was_training = model.training
+    model.eval()
+    model.setup_cache(B, total)
+    try:
+        prev = 0
+        for cur in range(min(lens), total):
+            if all(done):
+                break
+            h = model(tokens[:, prev:cur], start_pos=prev, return_hidden=True)  # [B, cur - prev, dim]
+            logits = model.output(h[:, -1])  # [B, V]: only the last position is needed
+            if vocab_size is not None:
+                logits[:, vocab_size:] = float("-inf")
+            nxt = torch.where(is_prompt[:, cur], tokens[:, cur], sample(logits, temperature, top_p, generator))
+            tokens[:, cur] = nxt
+            prev = cur
+            for b, t in enumerate(nxt.tolist()):  # one host sync per step
+                if done[b] or cur < lens[b]:
+                    continue
+                if t in stops:
+                    done[b] = True
+                    continue
+                out[b].append(t)
+                if on_token is not None:
+                    on_token(b, t)
+                done[b] = len(out[b]) >= max_new_tokens
+    finally:
+        model.clear_cache()
+        model.train(was_training)
+    return out
+
+
+class TextStream:
+    """An `on_token` callback that writes one sequence's text as it grows; `finish()` writes what is left."""
+
+    def __init__(self, tokenizer: Tokenizer, write: Callable[[str], object] | None = None):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+        self.write = write or (lambda s: print(s, end="", flush=True))
+
+    def __call__(self, batch_index: int, token: int) -> None:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):  # U+FFFD: a character whose remaining bytes are still to come
+            self._show(text)
+
+    def _show(self, text: str) -> None:
+        if len(text) > len(self.shown):
+            self.write(text[len(self.shown):])
+        self.shown = text
+
+    def finish(self) -> str:
+        """Write whatever was held back; returns the whole text."""
+        self._show(self.tokenizer.decode(self.ids))
+        return self.shown
+
+
+def reply(model, tokenizer: Tokenizer, messages: list[dict], template: str, max_new_tokens: int = 512,
+          temperature: float = 0.6, top_p: float = 0.9, write: Callable[[str], object] | None = None) -> str:
+    """Generate the assistant's next message for a dialog, streaming its text to `write`; returns the text.
+
+    When the dialog does not fit with room for the reply, the oldest exchanges (after a system message)
+    are dropped.
+    """
+    msgs = list(messages)
+    prompt, _ = encode_chat(tokenizer, msgs, template, add_generation_prompt=True)
+    budget = model.args.max_seq_len - min(max_new_tokens, model.args.max_seq_len // 2)
+    while len(prompt) > budget and sum(m["role"] == "user" for m in msgs) > 1:
+        first = 1 if msgs[0]["role"] == "system" else 0
+        next_user = next(i for i in range(first + 1, len(msgs)) if msgs[i]["role"] == "user")
+        del msgs[first:next_user]
+        prompt, _ = encode_chat(tokenizer, msgs, template, add_generation_prompt=True)
+    stream = TextStream(tokenizer, write)
+    generate(model, [prompt], max_new_tokens, temperature, top_p, stop_ids=template_stop_ids(tokenizer, template),
+             on_token=stream, vocab_size=tokenizer.n_words)
+    return stream.finish()
+
+
+def chat_loop(model, tokenizer: Tokenizer, template: str, system: str | None = None, max_new_tokens: int = 512,
+              temperature: float = 0.6, top_p: float = 0.9) -> None:
+    """Interactive chat on stdin/stdout, keeping the history; an empty line, /exit or end of input quits.
+
+    An exchange whose reply is empty (the model stopped at once) is left out of the history.
+    """
+    messages = [{"role": "system", "content": system}] if system else []
+    print(f"chat ({template}); an empty line or /exit quits", flush=True)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip() or line.strip() == "/exit":
+            break
+        messages.append({"role": "user", "content": line})
+        text = reply(model, tokenizer, messages, template, max_new_tokens, temperature, top_p)
+        print(flush=True)
+        if text.strip():
+            messages.append({"role": "assistant", "content": text})
+        else:  # an empty reply cannot be part of a dialog (and llama2 needs user/assistant turns to alternate)
+            messages.pop()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m llama.generate", description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", required=True, help="Meta or Hugging Face checkpoint folder (tokenizer.model in it or its parent)")
+    p.add_argument("--template", default="llama2", choices=TEMPLATES)
+    p.add_argument("--prompt", help="answer this one message and exit; without it, chat interactively")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="auto: bfloat16 on a GPU, float32 on CPU")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import find_tokenizer, load_model  # the CLI needs the loader; the functions above do not
+
+    args = parse_args(argv)
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    torch.manual_seed(args.seed)
+    try:  # user errors (a wrong folder, a template the tokenizer cannot express) end with a message, not a trace
+        tok_path = find_tokenizer(args.ckpt)
+        if tok_path is None:
+            raise ValueError(f"no tokenizer.model in {args.ckpt} or its parent folder")
+        tokenizer = Tokenizer(tok_path)  # reads added_tokens.json beside it
+        missing = [t for t in required_special_tokens(args.template) if t not in tokenizer.special_tokens]
+        if missing:
+            raise ValueError(f"--template {args.template} needs the special tokens {missing}, which {tok_path.parent} "
+                             "does not define (no added_tokens.json with them): was the model fine-tuned with it?")
+        model = load_model(args.ckpt, dtype=dtype, device=device)  # checks the vocabulary against the tokenizer
+        if args.prompt is None:
+            chat_loop(model, tokenizer, args.template, args.system, args.max_new_tokens, args.temperature, args.top_p)
+            return 0
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}]
+        reply(model, tokenizer, messages, args.template, args.max_new_tokens, args.temperature, args.top_p)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
