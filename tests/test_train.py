@@ -1,0 +1,207 @@
+"""train.py: data formats and errors, masks, packing isolation, learning in each mode, resume, the demo."""
+import json
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train
+from llama import ModelArgs, Tokenizer, Transformer, save_model
+from llama.chat import encode_chat
+
+DEMO_TOK = train.DEMO / "tiny-llama" / "tokenizer.model"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer(str(DEMO_TOK))
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hot?"},
+                     {"role": "assistant", "content": "The opposite of hot is cold."}]}
+ALPACA = {"instruction": "Give the opposite.", "input": "hot", "output": "cold"}
+SHAREGPT = {"conversations": [{"from": "human", "value": "hot?"}, {"from": "gpt", "value": "cold"}]}
+
+
+# ---- data formats and errors
+
+
+def test_formats_detected(tmp_path):
+    assert train.to_messages(CHAT, "x") == CHAT["messages"]
+    assert train.to_messages(SHAREGPT, "x") == [{"role": "user", "content": "hot?"},
+                                                {"role": "assistant", "content": "cold"}]
+    alp = train.to_messages(ALPACA, "x")
+    assert alp[0]["role"] == "user" and alp[0]["content"] == "Give the opposite." and alp[0]["input"] == "hot"
+    assert alp[1] == {"role": "assistant", "content": "cold"}
+    p = tmp_path / "d.json"
+    p.write_text(json.dumps([CHAT, SHAREGPT]))
+    assert [n for n, _ in train.read_rows(p)] == [1, 2]
+
+
+@pytest.mark.parametrize("row, expect", [
+    ('{"messages": [', "d.jsonl:2: not valid JSON"),
+    ({"text": "hello"}, "d.jsonl:2: row has no recognisable format"),
+    ({"messages": [{"role": "bot", "content": "x"}]}, "d.jsonl:2: message 0 has role 'bot'"),
+    ({"messages": [{"role": "user", "content": "  "}]}, "d.jsonl:2: message 0 (user) has empty"),
+    ({"messages": []}, "d.jsonl:2: the dialog is empty"),
+    ({"conversations": [{"from": "robot", "value": "x"}]}, "d.jsonl:2: ShareGPT turn"),
+])
+def test_bad_rows_name_file_and_line(tmp_path, tok, row, expect):
+    p = write_jsonl(tmp_path / "d.jsonl", [CHAT, row])
+    cfg = train.TrainConfig(data=[str(p)], seq_len=128)
+    with pytest.raises(train.UserError, match=re.escape(expect)):
+        train.load_data(cfg, tok)
+
+
+def test_cli_errors_exit_2_without_traceback(tmp_path, capsys):
+    p = write_jsonl(tmp_path / "d.jsonl", ['{"messages": oops'])
+    rc = train.main(["--data", str(p), "--out", str(tmp_path / "o"), "--max-steps", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "d.jsonl:1: not valid JSON" in err and "Traceback" not in err
+
+
+def test_fraction_val_split_and_stats(tmp_path, tok):
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a" * (i % 5 + 1)}]}
+            for i in range(40)]
+    p = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = train.TrainConfig(data=[f"{p}:0.5"], val_split=0.25, max_val=3, seq_len=128)
+    tr, val, stats = train.load_data(cfg, tok)
+    s = stats["files"][str(p)]
+    assert s["rows"] == 20 and len(val) == 3 and len(tr) == 17 and s["accepted"] == 17 and s["val"] == 3
+    assert s["min_tokens"] == min(len(x[0]) for x in tr + val) and s["max_tokens"] == max(len(x[0]) for x in tr + val)
+
+
+def test_overlong_and_min_assistant_tokens(tmp_path, tok):
+    long = {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]}
+    p = write_jsonl(tmp_path / "d.jsonl", [CHAT, long])
+    tr, _, st = train.load_data(train.TrainConfig(data=[str(p)], seq_len=64, overlong="drop"), tok)
+    assert len(tr) == 1 and st["files"][str(p)]["skipped"] == {"overlong": 1}
+    # truncation keeps the prompt only: no assistant token survives, so the row is skipped, not trained on
+    tr, _, st = train.load_data(train.TrainConfig(data=[str(p)], seq_len=64, overlong="truncate"), tok)
+    assert st["files"][str(p)]["skipped"] == {"too_few_assistant_tokens": 1}
+    with pytest.raises(train.UserError, match="no training samples"):
+        train.load_data(train.TrainConfig(data=[str(p)], seq_len=64, min_assistant_tokens=1000), tok)
+
+
+# ---- masks and packing
+
+
+def test_labels_only_on_assistant_tokens(tok):
+    ids, mask = encode_chat(tok, CHAT["messages"], "llama2")
+    labels = train.sample_labels(ids, mask)
+    trained = [ids[i + 1] for i, lab in enumerate(labels) if lab != -100]
+    assert all(labels[i] == ids[i + 1] for i in range(len(ids) - 1) if labels[i] != -100)
+    # what is trained on decodes to exactly the reply plus eos
+    assert trained[-1] == tok.eos_id and tok.decode(trained[:-1]).strip() == "The opposite of hot is cold."
+
+
+def test_pack_rows_are_full_and_complete():
+    rng = torch.Generator().manual_seed(0)
+    samples = [(torch.randint(3, 50, (int(n),), generator=rng).tolist(), [True] * int(n))
+               for n in torch.randint(2, 60, (50,), generator=rng)]
+    rows = train.pack(samples, 64, pad_id=0)
+    assert rows["tokens"].shape[1] == 64
+    # every sample appears exactly once as one contiguous document
+    found = []
+    for r in range(len(rows["tokens"])):
+        for d in rows["doc_ids"][r].unique():
+            sel = rows["doc_ids"][r] == d
+            found.append(tuple(rows["tokens"][r][sel].tolist()))
+    real = sorted(tuple(s[0]) for s in samples)
+    assert sorted(f for f in found if f in set(real)) == real
+    # no worse than a naive first-fit-decreasing written out here, and never below the lower bounds
+    # (total tokens / row size; samples longer than half a row cannot share one)
+    ffd = []
+    for n in sorted((len(s[0]) for s in samples), reverse=True):
+        j = next((j for j, room in enumerate(ffd) if room >= n), None)
+        if j is None:
+            ffd.append(64 - n)
+        else:
+            ffd[j] -= n
+    lower = max(math.ceil(sum(len(s[0]) for s in samples) / 64), sum(len(s[0]) > 32 for s in samples))
+    assert lower <= len(rows["tokens"]) <= len(ffd)
+
+
+def tiny_model(vocab: int, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, multiple_of=16,
+                                 max_seq_len=128))
+
+
+def test_packed_loss_equals_token_weighted_loss_of_documents(tok):
+    model = tiny_model(tok.n_words).eval()
+    dialogs = [CHAT["messages"], SHAREGPT and train.to_messages(SHAREGPT, "x"),
+               [{"role": "user", "content": "What is the opposite of up?"},
+                {"role": "assistant", "content": "The opposite of up is down."}]]
+    samples = [encode_chat(tok, m, "llama2") for m in dialogs]
+    rows = train.pack(samples, 128, tok.eos_id)
+    assert len(rows["tokens"]) == 1  # all three share one row
+    with torch.no_grad():
+        packed = train.loss_sum(model, rows["tokens"], rows["labels"], rows["doc_ids"]).item()
+        n = int((rows["labels"] != -100).sum())
+        # reference: each document alone, plain full-vocab cross-entropy, no doc_ids
+        total, count = 0.0, 0
+        for ids, mask in samples:
+            logits = model(torch.tensor([ids]))[0]
+            labels = torch.tensor(train.sample_labels(ids, mask))
+            total += F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum").item()
+            count += int((labels != -100).sum())
+    assert n == count
+    assert abs(packed / n - total / count) < 1e-5
+
+
+# ---- learning in each mode, resume
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, tok):
+    d = tmp_path_factory.mktemp("ckpt")
+    save_model(tiny_model(tok.n_words), d, layout="meta", tokenizer=DEMO_TOK)
+    rows = [{"messages": [{"role": "user", "content": f"What is the opposite of {a}?"},
+                          {"role": "assistant", "content": f"The opposite of {a} is {b}."}]}
+            for a, b in [("hot", "cold"), ("up", "down"), ("big", "small"), ("fast", "slow")] * 4]
+    write_jsonl(d / "data.jsonl", rows)
+    return d
+
+
+def run(tmp_path, ckpt, *extra):
+    out = tmp_path / "out"
+    args = ["--ckpt", str(ckpt), "--data", str(ckpt / "data.jsonl"), "--out", str(out), "--seq-len", "64",
+            "--batch-size", "4", "--grad-accum", "2", "--lr", "3e-3", "--warmup-ratio", "0", *extra]
+    assert train.main(args) == 0
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], out
+
+
+@pytest.mark.parametrize("mode", [["--full"], ["--quant", "none", "--lr", "1e-2"], ["--quant", "nf4", "--lr", "1e-2"]],
+                         ids=["full", "lora", "qlora"])
+def test_loss_decreases(tmp_path, tiny_ckpt, mode):
+    metrics, out = run(tmp_path, tiny_ckpt, "--max-steps", "16", "--lora-dropout", "0", "--schedule", "constant",
+                       "--max-grad-norm", "1", *mode)
+    assert metrics[-1]["loss"] < 0.5 * metrics[0]["loss"]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_mb"} <= set(metrics[0])
+    assert (out / ("model" if "--full" in mode else "adapter")).exists()
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_ckpt, monkeypatch):
+    steps = ["--max-steps", "6", "--quant", "nf4", "--save-every", "3"]
+    full, _ = run(tmp_path / "a", tiny_ckpt, *steps)
+    save = train.save_checkpoint
+
+    def crash_after_first_save(*a, **kw):  # the process dies right after checkpoint-3 is on disk
+        save(*a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", crash_after_first_save)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", tiny_ckpt, *steps)
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    resumed, out = run(tmp_path / "b", tiny_ckpt, *steps, "--resume")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in full]

@@ -1,0 +1,784 @@
+"""Supervised fine-tuning of Llama 2 on chat data: full, LoRA or QLoRA, in one file.
+
+Read top to bottom, it is the pipeline:
+
+    data files -> messages -> chat template -> (ids, mask) -> pack into rows of --seq-len
+    -> model (Meta checkpoint -> NF4 quantize while loading -> LoRA) -> AdamW steps
+    -> eval -> checkpoints -> PEFT adapter (and optionally a merged model)
+
+The loss is next-token cross-entropy on assistant tokens only, averaged over every trained token of
+an optimizer step (all micro-batches together), so gradient accumulation and packing do not change
+what is optimised: a packed batch gives the same loss as its documents run one by one.
+
+    python train.py                                 # the bundled demo: QLoRA on a tiny Llama, CPU
+    python train.py --ckpt llama-2-7b --data chats.jsonl --quant nf4
+    python train.py --chat --ckpt llama-2-7b --adapter out/run/adapter
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from bisect import bisect_left, insort
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import lora
+import quant
+from llama import Tokenizer, load_model, save_model
+from llama.chat import TEMPLATES, encode_chat, required_special_tokens, stop_ids
+from llama.checkpoint import CheckpointError, find_tokenizer
+from llama.generate import generate
+from llama.model import resize_embeddings
+
+ROOT = Path(__file__).resolve().parent
+DEMO = ROOT / "demo"
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration: the dataclass defaults are the documentation; the CLI is generated from it.
+
+
+@dataclass
+class TrainConfig:
+    ckpt: str = str(DEMO / "tiny-llama")  # Meta folder (consolidated.*.pth + params.json) or HF folder
+    data: list[str] = field(default_factory=lambda: [str(DEMO / "data" / "train.jsonl")])  # path[:fraction] ...
+    template: str = "llama2"  # llama2 | chatml | tulu | oasst | alpaca
+    out: str = "out/run"
+    overwrite: bool = False  # reuse an --out that holds another run
+    # model
+    quant: str = "auto"  # none | nf4 | auto (nf4 on CUDA, none on CPU)
+    full: bool = False  # full fine-tuning instead of LoRA
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_targets: str = "wq,wk,wv,wo,w1,w2,w3"
+    rslora: bool = False
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    device: str = "auto"
+    grad_checkpointing: bool = False
+    lima_dropout: float = 0.0  # residual dropout rising linearly with depth up to this value (LIMA)
+    init_adapter: str = ""  # start from a saved adapter (second stage), fresh optimizer
+    # data
+    seq_len: int = 1024
+    packing: bool = True
+    overlong: str = "truncate"  # truncate | drop samples longer than --seq-len
+    val_split: float = 0.0  # fraction of each file held out for eval
+    max_val: int = 1000  # cap on held-out samples per file
+    min_assistant_tokens: int = 1  # drop samples with fewer trained tokens
+    # optimisation
+    batch_size: int = 4  # rows per micro-batch
+    grad_accum: int = 4  # micro-batches per optimizer step
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0 overrides --epochs
+    lr: float = 2e-4
+    min_lr: float = 0.0
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup_ratio: float = 0.05
+    warmup_steps: int = 0  # > 0 overrides --warmup-ratio
+    optim: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 0.3  # 0 disables clipping
+    max_bad_steps: int = 5  # abort after this many non-finite steps in a row
+    seed: int = 0
+    # logging, eval, checkpoints
+    log_every: int = 1
+    eval_every: int = 0  # 0: eval only at the end (when there is a val split)
+    save_every: int = 0  # 0: no intermediate checkpoints
+    save_total_limit: int = 2
+    resume: bool = False
+    merge: bool = False  # also write the merged model to OUT/merged
+    merge_layout: str = "hf"  # meta | hf
+    gen_eval: str = ""  # JSONL of dialogs whose last assistant turn is the expected answer
+    # chat with a result instead of training
+    chat: bool = False
+    adapter: str = ""
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Build the CLI from TrainConfig: `--lora-r 8`, `--no-packing`, `--data a.jsonl b.jsonl:0.5`."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.type == "bool" and default:
+            p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false")
+        elif f.type == "bool":
+            p.add_argument(flag, action="store_true")
+        elif f.type.startswith("list"):
+            p.add_argument(flag, nargs="+", default=default)
+        else:
+            p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=default)
+    return TrainConfig(**vars(p.parse_args(argv)))
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one paragraph, exit code 2, no traceback."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: files -> messages. Formats are detected per row and must agree within a file.
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def read_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) for a .jsonl file (one object per line) or a .json array."""
+    if not path.exists():
+        raise UserError(f"data file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); expected a JSON array of objects")
+        return [(i + 1, r) for i, r in enumerate(rows)]  # "line" is the array index + 1 here
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); "
+                            "expected one JSON object per line")
+    return out
+
+
+def to_messages(row, where: str) -> list[dict]:
+    """One row in any supported format -> [{"role", "content"}, ...]."""
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        msgs = row["messages"]
+    elif "conversations" in row:  # ShareGPT
+        msgs = []
+        for turn in row["conversations"] if isinstance(row["conversations"], list) else [None]:
+            if not isinstance(turn, dict) or turn.get("from") not in SHAREGPT_ROLES:
+                raise UserError(f"{where}: ShareGPT turn {turn!r} has no known 'from' "
+                                f"(expected one of {sorted(SHAREGPT_ROLES)})")
+            msgs.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn.get("value")})
+    elif "instruction" in row and "output" in row:  # Alpaca: the input, when present, follows the instruction
+        user = {"role": "user", "content": row["instruction"]}
+        if row.get("input"):
+            user["input"] = row["input"]
+        msgs = [user, {"role": "assistant", "content": row["output"]}]
+    else:
+        raise UserError(f"{where}: row has no recognisable format; expected {{\"messages\": [...]}}, "
+                        "Alpaca {\"instruction\", \"input\", \"output\"} or ShareGPT {\"conversations\": [...]}; "
+                        f"found keys {sorted(row)}")
+    if not isinstance(msgs, list) or not msgs:
+        raise UserError(f"{where}: the dialog is empty")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise UserError(f"{where}: message {i} has role {m.get('role') if isinstance(m, dict) else m!r}; "
+                            "expected system, user or assistant")
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            raise UserError(f"{where}: message {i} ({m['role']}) has empty or non-text content")
+    return msgs
+
+
+def parse_data_spec(spec: str) -> tuple[Path, float]:
+    """`path` or `path:fraction` (the share of that file to use, as in dataset mixes)."""
+    path, _, frac = spec.rpartition(":")
+    if path and frac.replace(".", "", 1).isdigit():
+        fraction = float(frac)
+        if not 0 < fraction <= 1:
+            raise UserError(f"--data {spec}: fraction must be in (0, 1], got {fraction}")
+        return Path(path), fraction
+    return Path(spec), 1.0
+
+
+def tokenize(tokenizer: Tokenizer, msgs: list[dict], cfg: TrainConfig, where: str) -> tuple[list[int], list[bool]] | str:
+    """(ids, mask) for one dialog, or the reason it was skipped."""
+    try:
+        ids, mask = encode_chat(tokenizer, msgs, cfg.template)
+    except ValueError as e:
+        raise UserError(f"{where}: {e}")
+    if len(ids) > cfg.seq_len:
+        if cfg.overlong == "drop":
+            return "overlong"
+        ids, mask = ids[: cfg.seq_len], mask[: cfg.seq_len]
+    if sum(mask) < max(cfg.min_assistant_tokens, 1):
+        return "too_few_assistant_tokens"
+    return ids, mask
+
+
+def load_data(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[list, list, dict]:
+    """Train and val samples [(ids, mask)], plus per-file statistics."""
+    rng = random.Random(cfg.seed)
+    train, val, stats = [], [], {"files": {}}
+    for spec in cfg.data:
+        path, fraction = parse_data_spec(spec)
+        rows = read_rows(path)
+        rows = [(n, to_messages(r, f"{path}:{n}")) for n, r in rows]
+        rng.shuffle(rows)
+        rows = rows[: max(1, round(len(rows) * fraction))] if rows else rows
+        n_val = min(cfg.max_val, int(len(rows) * cfg.val_split))
+        s = {"rows": len(rows), "accepted": 0, "val": 0, "skipped": {}, "truncated": 0, "tokens": 0,
+             "trained_tokens": 0, "min_tokens": None, "max_tokens": 0}
+        for i, (n, msgs) in enumerate(rows):
+            r = tokenize(tokenizer, msgs, cfg, f"{path}:{n}")
+            if isinstance(r, str):
+                s["skipped"][r] = s["skipped"].get(r, 0) + 1
+                continue
+            ids, mask = r
+            full_len = len(encode_chat(tokenizer, msgs, cfg.template)[0])
+            s["truncated"] += full_len > len(ids)
+            (val if i < n_val else train).append((ids, mask))
+            s["val" if i < n_val else "accepted"] += 1
+            s["tokens"] += len(ids)
+            s["trained_tokens"] += sum(mask)
+            s["min_tokens"] = len(ids) if s["min_tokens"] is None else min(s["min_tokens"], len(ids))
+            s["max_tokens"] = max(s["max_tokens"], len(ids))
+        kept = s["accepted"] + s["val"]
+        s["mean_tokens"] = round(s["tokens"] / kept, 1) if kept else 0
+        stats["files"][str(path)] = s
+    if not train:
+        raise UserError(f"no training samples left after filtering ({json.dumps(stats['files'])})")
+    return train, val, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing: samples -> rows of exactly seq_len tokens with labels and document ids.
+
+
+def sample_labels(ids: list[int], mask: list[bool]) -> list[int]:
+    """Next-token targets: label[i] = ids[i+1] where token i+1 is trained on, else -100."""
+    return [ids[i + 1] if mask[i + 1] else -100 for i in range(len(ids) - 1)] + [-100]
+
+
+def pack(samples: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Best-fit-decreasing bin packing of samples into rows of seq_len tokens.
+
+    Returns tokens/labels/doc_ids [R, seq_len]. Each sample keeps its own doc id within the row so the
+    model isolates it; the padded tail is one more "document" whose labels are all -100.
+    """
+    order = sorted(range(len(samples)), key=lambda i: -len(samples[i][0]))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row index), sorted, for best fit by bisection
+    for i in order:
+        n = len(samples[i][0])
+        assert n <= seq_len, "samples are truncated or dropped before packing"
+        j = bisect_left(free, (n, -1))
+        if j == len(free):
+            rows.append([i])
+            room, r = seq_len - n, len(rows) - 1
+        else:
+            room, r = free.pop(j)
+            rows[r].append(i)
+            room -= n
+        if room > 0:
+            insort(free, (room, r))
+    return _rows_to_tensors([[samples[i] for i in row] for row in rows], seq_len, pad_id)
+
+
+def pad_each(samples: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """--no-packing: one sample per row, padded to seq_len."""
+    return _rows_to_tensors([[s] for s in samples], seq_len, pad_id)
+
+
+def _rows_to_tensors(rows: list[list[tuple[list[int], list[bool]]]], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    tokens = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), seq_len), -100, dtype=torch.long)
+    doc_ids = torch.empty((len(rows), seq_len), dtype=torch.long)
+    for r, row in enumerate(rows):
+        t = 0
+        for d, (ids, mask) in enumerate(row):
+            tokens[r, t: t + len(ids)] = torch.tensor(ids)
+            labels[r, t: t + len(ids)] = torch.tensor(sample_labels(ids, mask))
+            doc_ids[r, t: t + len(ids)] = d
+            t += len(ids)
+        doc_ids[r, t:] = len(row)  # the padding is its own document
+    return {"tokens": tokens, "labels": labels, "doc_ids": doc_ids}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model: load base weights -> quantize (while streaming) -> add tokens -> LoRA.
+
+
+def resolve_device_dtype(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    name = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if name not in dtypes:
+        raise UserError(f"--dtype {cfg.dtype}: expected auto, bf16, fp16 or fp32")
+    return device, dtypes[name]
+
+
+def load_tokenizer(cfg: TrainConfig) -> tuple[Tokenizer, list[str]]:
+    """The checkpoint's tokenizer plus the template's special tokens it lacks (ChatML on a base model)."""
+    tok_path = find_tokenizer(cfg.ckpt)
+    if tok_path is None:
+        raise UserError(f"no tokenizer.model in {cfg.ckpt} or its parent folder")
+    tokenizer = Tokenizer(str(tok_path))
+    new_tokens = [t for t in required_special_tokens(cfg.template) if t not in tokenizer.special_tokens]
+    tokenizer.add_special_tokens(new_tokens)
+    return tokenizer, new_tokens
+
+
+def build_model(cfg: TrainConfig, tokenizer: Tokenizer, new_tokens: list[str], device: torch.device,
+                dtype: torch.dtype):
+    """Load base weights -> quantize (while streaming) -> resize for added tokens -> LoRA (or all trainable)."""
+    quantize = cfg.quant == "nf4" or (cfg.quant == "auto" and device.type == "cuda" and not cfg.full)
+    if cfg.full and quantize:
+        raise UserError("--full trains every weight; it cannot be combined with --quant nf4")
+    # Weights stream off disk one tensor at a time; with NF4 each projection is quantized as it arrives.
+    hook = quant.quantize_on_load(compute_dtype=dtype) if quantize else None
+    model = load_model(cfg.ckpt, dtype=dtype, device=device, hook=hook)
+    if model.args.max_seq_len < cfg.seq_len:
+        raise UserError(f"--seq-len {cfg.seq_len} is longer than the model supports "
+                        f"(max_seq_len {model.args.max_seq_len} in {cfg.ckpt})")
+    if new_tokens:  # the new rows must train and be saved with the adapter
+        resize_embeddings(model, tokenizer.n_words)
+    if cfg.lima_dropout:
+        n = len(model.layers)
+        for i, block in enumerate(model.layers):
+            block.resid_dropout = cfg.lima_dropout * i / max(n - 1, 1)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    if cfg.full:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        extra = ("tok_embeddings", "output") if new_tokens else ()
+        targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
+        lora.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets,
+                        rslora=cfg.rslora, modules_to_save=extra)
+        if cfg.init_adapter:
+            lora.load_adapter(model, cfg.init_adapter)
+    return model, quantize
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss: cross-entropy over chunks of the sequence so the fp32 [tokens, vocab] logits never exist at once.
+
+
+def _chunk_ce(head: torch.nn.Module, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), labels, ignore_index=-100, reduction="sum")
+
+
+def loss_sum(model, tokens, labels, doc_ids, chunk: int = 1024) -> torch.Tensor:
+    """Sum of token losses of a batch. Each chunk's logits are recomputed in backward (checkpoint)
+    instead of stored: peak memory is one chunk's logits, not the batch's."""
+    h = model(tokens, doc_ids, return_hidden=True).flatten(0, 1)  # (B*T, dim)
+    labels = labels.flatten()
+    total = h.new_zeros((), dtype=torch.float32)
+    for s in range(0, h.shape[0], chunk):
+        lab = labels[s: s + chunk]
+        if (lab != -100).any():
+            total = total + torch.utils.checkpoint.checkpoint(_chunk_ce, model.output, h[s: s + chunk], lab,
+                                                              use_reentrant=False)
+    return total
+
+
+@torch.no_grad()
+def evaluate(model, data: dict[str, torch.Tensor], batch_size: int, device) -> dict:
+    model.eval()
+    total, count = 0.0, 0
+    for s in range(0, len(data["tokens"]), batch_size):
+        b = {k: v[s: s + batch_size].to(device) for k, v in data.items()}
+        total += loss_sum(model, b["tokens"], b["labels"], b["doc_ids"]).item()
+        count += int((b["labels"] != -100).sum())
+    model.train()
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser and schedule.
+
+
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: torch.device):
+    kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.optim == "adamw":
+        return torch.optim.AdamW(params, fused=device.type == "cuda", **kw)
+    if cfg.optim in ("adamw_8bit", "paged_adamw_8bit"):
+        import bitsandbytes as bnb  # paged falls back to unpaged memory off CUDA
+        cls = bnb.optim.PagedAdamW8bit if cfg.optim == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+        return cls(params, **kw)
+    raise UserError(f"--optim {cfg.optim}: expected adamw, adamw_8bit or paged_adamw_8bit")
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine/linear/constant to min_lr."""
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    if cfg.schedule == "cosine":
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "linear":
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 - progress)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    raise UserError(f"--schedule {cfg.schedule}: expected cosine, linear or constant")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: trainable weights + optimizer + RNG + position, written to a temp dir then renamed,
+# so a crash at any moment leaves the previous checkpoint intact.
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict:
+    s = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(out: Path, step: int, model, opt, keep: int) -> Path:
+    final = out / f"checkpoint-{step}"
+    tmp = out / f".tmp-checkpoint-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {"step": step, "model": trainable_state(model), "optimizer": opt.state_dict(), "rng": rng_state()}
+    with open(tmp / "state.pt", "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    _fsync_dir(out)
+    for old in sorted(list_checkpoints(out))[:-keep] if keep > 0 else []:
+        shutil.rmtree(out / f"checkpoint-{old}", ignore_errors=True)
+    return final
+
+
+def list_checkpoints(out: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if (p / "state.pt").exists())
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation-based eval (the demo's before/after exact match).
+
+
+def read_gen_eval(path: str) -> list[tuple[list[dict], str]]:
+    """Dialogs whose last turn is the expected assistant answer -> (prompt messages, answer)."""
+    items = []
+    for n, row in read_rows(Path(path)):
+        msgs = to_messages(row, f"{path}:{n}")
+        if msgs[-1]["role"] != "assistant":
+            raise UserError(f"{path}:{n}: the last message must be the expected assistant answer")
+        items.append((msgs[:-1], msgs[-1]["content"].strip()))
+    return items
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, items, template: str, device, max_new_tokens: int = 48) -> tuple[float, list[str]]:
+    prompts = [encode_chat(tokenizer, m, template, add_generation_prompt=True)[0] for m, _ in items]
+    outs = generate(model, prompts, max_new_tokens,
+                    stop_ids=stop_ids(tokenizer, template))
+    answers = [tokenizer.decode(o).strip() for o in outs]
+    score = sum(a == want for a, (_, want) in zip(answers, items)) / max(len(items), 1)
+    return score, answers
+
+
+# ---------------------------------------------------------------------------------------------
+# Training loop.
+
+
+def fmt_mem(device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.1f}GiB"
+    import resource
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f}GiB"  # Linux: KiB
+
+
+def peak_mem_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prepare_out(cfg: TrainConfig) -> Path:
+    out = Path(cfg.out)
+    cfg_file = out / "run_config.json"
+    if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
+        raise UserError(f"--out {out} already holds files"
+                        + (" from another run" if cfg_file.exists() else "")
+                        + "; pass --resume to continue it, --overwrite to replace it, or choose another --out")
+    if cfg.overwrite and not cfg.resume and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def train(cfg: TrainConfig) -> dict:
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    device, dtype = resolve_device_dtype(cfg)
+    if cfg.template not in TEMPLATES:
+        raise UserError(f"--template {cfg.template}: expected one of {', '.join(TEMPLATES)}")
+    out = prepare_out(cfg)
+    print("config:", json.dumps(dataclasses.asdict(cfg)), flush=True)
+
+    # ---- data first (bad rows fail in seconds), then the model
+    tokenizer, new_tokens = load_tokenizer(cfg)
+    train_s, val_s, stats = load_data(cfg, tokenizer)
+    pad = tokenizer.eos_id
+    rows = pack(train_s, cfg.seq_len, pad) if cfg.packing else pad_each(train_s, cfg.seq_len, pad)
+    val_rows = (pack(val_s, cfg.seq_len, pad) if cfg.packing else pad_each(val_s, cfg.seq_len, pad)) if val_s else None
+    n_tokens = sum(len(s[0]) for s in train_s)
+    stats["rows"] = len(rows["tokens"])
+    stats["packing_efficiency"] = round(n_tokens / rows["tokens"].numel(), 4)
+    stats["padding_fraction"] = round(1 - stats["packing_efficiency"], 4)
+    stats["train_samples"], stats["val_samples"] = len(train_s), len(val_s)
+    print_stats(stats)
+    t0 = time.time()
+    model, quantized = build_model(cfg, tokenizer, new_tokens, device, dtype)
+    print(f"model: loaded{' + NF4-quantized' if quantized else ''} in {time.time() - t0:.1f}s", flush=True)
+
+    # ---- optimiser and schedule
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in params)
+    n_total = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    print(f"trainable params: {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f}%)", flush=True)
+    opt = make_optimizer(cfg, params, device)
+    per_step = cfg.batch_size * cfg.grad_accum
+    steps_per_epoch = math.ceil(len(rows["tokens"]) / per_step)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+    step = 0
+    if cfg.resume and list_checkpoints(out):
+        ck = out / f"checkpoint-{list_checkpoints(out)[-1]}"
+        state = torch.load(ck / "state.pt", weights_only=False, map_location="cpu")
+        named = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, t in state["model"].items():
+                named[n].copy_(t)
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+        print(f"resumed from {ck} at step {step}", flush=True)
+    if cfg.resume and (out / "metrics.jsonl").exists():  # drop lines logged after the checkpoint we resume from
+        kept = [ln for ln in (out / "metrics.jsonl").read_text().splitlines() if json.loads(ln)["step"] <= step]
+        (out / "metrics.jsonl").write_text("".join(ln + "\n" for ln in kept))
+    (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    (out / "data_stats.json").write_text(json.dumps(stats, indent=2))
+
+    before = None
+    if cfg.gen_eval and step == 0:
+        items = read_gen_eval(cfg.gen_eval)
+        before = exact_match(model, tokenizer, items, cfg.template, device)
+
+    # ---- loop: each optimizer step takes the next per_step rows of this epoch's permutation
+    stop = {"signal": None}
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and dtype != torch.float32 \
+        else torch.autocast("cpu", enabled=False)
+    metrics_f = open(out / "metrics.jsonl", "a")
+    model.train()
+    bad_steps, last, t_start = 0, {}, time.time()
+    try:
+        while step < total:
+            t_step = time.time()
+            epoch, pos = divmod(step * per_step, steps_per_epoch * per_step)
+            perm = torch.randperm(len(rows["tokens"]), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            idx = perm[pos: pos + per_step]
+            lr = lr_at(step, total, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            n_target = int((rows["labels"][idx] != -100).sum())
+            loss_total = 0.0
+            for m in range(0, len(idx), cfg.batch_size):
+                b = {k: v[idx[m: m + cfg.batch_size]].to(device) for k, v in rows.items()}
+                with autocast:
+                    loss = loss_sum(model, b["tokens"], b["labels"], b["doc_ids"]) / max(n_target, 1)
+                loss.backward()
+                loss_total += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            if not (math.isfinite(loss_total) and torch.isfinite(grad_norm)):
+                bad_steps += 1
+                opt.zero_grad(set_to_none=True)
+                print(f"\nstep {step + 1}: non-finite loss/gradient ({loss_total}, {float(grad_norm)}); step skipped "
+                      f"({bad_steps}/{cfg.max_bad_steps} in a row)", flush=True)
+                if bad_steps >= cfg.max_bad_steps:
+                    raise UserError(f"{bad_steps} non-finite steps in a row at step {step + 1}: the run diverged. "
+                                    "Lower --lr, use fp32/bf16 instead of fp16, or check the data.")
+                step += 1
+                continue
+            bad_steps = 0
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.time() - t_step
+            last = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": round(loss_total, 6), "lr": lr,
+                    "grad_norm": round(float(grad_norm), 6), "tokens_per_s": round(len(idx) * cfg.seq_len / dt, 1),
+                    "peak_mem_mb": round(peak_mem_mb(device), 1)}
+            if val_rows is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+                last.update(evaluate(model, val_rows, cfg.batch_size, device))
+            if step % cfg.log_every == 0 or step == total or "eval_loss" in last:
+                metrics_f.write(json.dumps(last) + "\n")
+                metrics_f.flush()
+                eta = (time.time() - t_start) / max(step, 1) * (total - step)
+                ev = f" eval {last['eval_loss']:.4f}" if "eval_loss" in last else ""
+                end = "\n" if (not sys.stdout.isatty() or step == total or ev) else ""
+                print(f"\rstep {step}/{total} loss {loss_total:.4f}{ev} lr {lr:.2e} "
+                      f"{last['tokens_per_s']:.0f} tok/s ETA {eta:.0f}s mem {fmt_mem(device)}   ", end=end, flush=True)
+            if (cfg.save_every and step % cfg.save_every == 0) or stop["signal"]:
+                save_checkpoint(out, step, model, opt, cfg.save_total_limit)
+            if stop["signal"]:
+                print(f"\nstopped by signal {stop['signal']} at step {step}; checkpoint saved, --resume continues",
+                      flush=True)
+                raise SystemExit(130)
+    finally:
+        metrics_f.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+
+    # ---- outputs
+    result = {"steps": step, "final": last, "data": stats}
+    if cfg.full:
+        save_model(model, out / "model", layout="meta", tokenizer=tok_file(cfg))
+        tokenizer.save(out / "model")
+    else:
+        lora.save_adapter(model, out / "adapter")
+        tokenizer.save(out / "adapter")
+    if cfg.gen_eval:
+        items = read_gen_eval(cfg.gen_eval)
+        after = exact_match(model, tokenizer, items, cfg.template, device)
+        result["exact_match_before"] = before[0] if before else None
+        result["exact_match_after"] = after[0]
+        print_gen_eval(items, before, after)
+    if cfg.merge and not cfg.full:
+        lora.merge_lora(model)
+        save_model(model, out / "merged", layout=cfg.merge_layout, tokenizer=tok_file(cfg))
+        tokenizer.save(out / "merged")
+        print(f"merged model ({cfg.merge_layout} layout) written to {out / 'merged'}")
+    plot_loss(out)
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    print(f"done: {step} steps; outputs in {out}", flush=True)
+    return result
+
+
+def tok_file(cfg: TrainConfig) -> str | None:
+    p = find_tokenizer(cfg.ckpt)
+    return str(p) if p else None
+
+
+def print_stats(stats: dict) -> None:
+    print(f"{'data file':<40} {'rows':>7} {'train':>7} {'val':>6} {'skipped':>8} {'trunc':>6} "
+          f"{'tokens':>9} {'min':>5} {'max':>5} {'mean':>7}")
+    for path, s in stats["files"].items():
+        skipped = sum(s["skipped"].values())
+        print(f"{path[-40:]:<40} {s['rows']:>7} {s['accepted']:>7} {s['val']:>6} {skipped:>8} {s['truncated']:>6} "
+              f"{s['tokens']:>9} {s['min_tokens'] or 0:>5} {s['max_tokens']:>5} {s['mean_tokens']:>7}")
+        for why, n in s["skipped"].items():
+            print(f"    skipped {n}: {why}")
+    print(f"packed into {stats['rows']} rows; packing efficiency {stats['packing_efficiency']:.1%} "
+          f"(padding {stats['padding_fraction']:.1%})", flush=True)
+
+
+def print_gen_eval(items, before, after) -> None:
+    print("\nheld-out prompts (expected | before | after):")
+    for k, ((msgs, want), a) in enumerate(zip(items, after[1])):
+        b = before[1][k] if before else "-"
+        print(f"  {msgs[-1]['content'][:40]!r:44} {want!r} | {b[:30]!r} | {a[:30]!r}")
+    print(f"exact match: before {before[0]:.0%} -> after {after[0]:.0%}" if before else
+          f"exact match after: {after[0]:.0%}", flush=True)
+
+
+def plot_loss(out: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # matplotlib is a [bench] extra: the curve is optional
+        return
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train")
+    ev = [r for r in rows if "eval_loss" in r]
+    if ev:
+        ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat with a base model + adapter.
+
+
+def chat(cfg: TrainConfig) -> None:
+    from llama.generate import chat_loop
+    device, dtype = resolve_device_dtype(cfg)
+    run_cfg = Path(cfg.adapter).parent / "run_config.json" if cfg.adapter else None
+    if run_cfg and run_cfg.exists() and "--template" not in sys.argv:
+        cfg.template = json.loads(run_cfg.read_text())["template"]
+    quantize = cfg.quant == "nf4" or (cfg.quant == "auto" and device.type == "cuda")
+    hook = quant.quantize_on_load(compute_dtype=dtype) if quantize else None
+    model = load_model(cfg.ckpt, dtype=dtype, device=device, hook=hook)
+    tok_dir = Path(cfg.adapter) if cfg.adapter and (Path(cfg.adapter) / "tokenizer.model").exists() else None
+    tokenizer = Tokenizer(str((tok_dir / "tokenizer.model") if tok_dir else find_tokenizer(cfg.ckpt)))
+    if tokenizer.n_words > model.args.vocab_size:
+        resize_embeddings(model, tokenizer.n_words)
+    if cfg.adapter:
+        lora.load_adapter(model, cfg.adapter)
+    chat_loop(model, tokenizer, cfg.template)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    demo = not (argv if argv is not None else sys.argv[1:])
+    if demo:  # `python train.py`: QLoRA on the bundled tiny model, then the before/after answers
+        cfg.quant, cfg.seq_len, cfg.batch_size, cfg.grad_accum = "nf4", 256, 8, 1
+        cfg.lr, cfg.epochs, cfg.warmup_ratio, cfg.lora_r, cfg.lora_dropout = 2e-3, 3, 0.05, 16, 0.0
+        cfg.gen_eval, cfg.out, cfg.overwrite = str(DEMO / "data" / "heldout.jsonl"), "out/demo", True
+    try:
+        if cfg.chat:
+            chat(cfg)
+        else:
+            train(cfg)
+    except (UserError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
