@@ -4,7 +4,9 @@ A dialog is a list of `{"role": "system" | "user" | "assistant", "content": str}
 carry `"input"` (Alpaca's second field: the alpaca template gives it its own section, the others append it
 to the content after a blank line). `mask[i]` is True exactly on the tokens of each assistant reply and the
 token that ends it (eos, or `<|im_end|>` for ChatML), so the loss teaches the model to answer and to stop.
-Contents are stripped of surrounding whitespace (as Meta's and open-instruct's formats do). B = bos, E = eos:
+Contents are stripped of surrounding whitespace (as Meta's and open-instruct's formats do; llama2 strips
+exactly where Meta's code does). Only llama2 and alpaca constrain the order of user/assistant turns; a
+system message may only come first. B = bos, E = eos:
 
   llama2  Meta's `chat_completion` (meta-llama/llama, llama/generation.py), token for token. The system
           prompt is folded into the first user turn; user/assistant alternate, starting with the user:
@@ -26,7 +28,8 @@ With `add_generation_prompt` the ids end where the model's next reply starts ("[
 
 How the mask is found: a template renders the dialog as segments, each a token id or a piece of text; the
 text between two ids is at most a prompt part and a reply part, which are tokenized *together* (that is
-what makes llama2 token-exact). The reply's tokens are those after the tokens of the prompt part alone; when a
+what makes llama2 token-exact; after an id, SentencePiece starts afresh with its dummy-prefix space, as
+Meta's per-exchange `encode` and Hugging Face's "legacy" Llama tokenizer do). The reply's tokens are those after the tokens of the prompt part alone; when a
 SentencePiece piece straddles the boundary (never for these templates with Llama's vocabulary, since each
 reply starts with a space or follows a newline) the straddling token counts as reply.
 """
