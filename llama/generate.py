@@ -152,12 +152,17 @@ def chat_loop(model, tokenizer: Tokenizer, template: str, system: str | None = N
 
     An exchange whose reply is empty (the model stopped at once) is left out of the history.
     """
+    try:
+        import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
+    except ImportError:
+        pass
     messages = [{"role": "system", "content": system}] if system else []
     print(f"chat ({template}); an empty line or /exit quits", flush=True)
     while True:
         try:
             line = input("> ")
         except EOFError:
+            print()
             break
         if not line.strip() or line.strip() == "/exit":
             break
