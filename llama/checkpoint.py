@@ -146,7 +146,6 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
         raise CheckpointError(f"{path}: neither params.json (Meta layout) nor config.json (Hugging Face layout) found")
     _check_tokenizer(path, args.vocab_size)
 
-    device = torch.device(device)
     with torch.device("meta"):
         model = Transformer(args)
     expected = {n: p.shape for n, p in model.named_parameters()}
@@ -154,16 +153,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
         missing, extra = sorted(set(expected) - set(names)), sorted(set(names) - set(expected))
         raise CheckpointError(f"{path}: tensors do not match a Llama model with these params "
                               f"(missing {missing[:5]}, unexpected {extra[:5]})")
-    for name, src, mapped in stream(list(expected)):  # in model order, a layer at a time
-        if src.shape != expected[name]:
-            raise CheckpointError(f"{path}: tensor {name} has shape {tuple(src.shape)}, but the config implies "
-                                  f"{tuple(expected[name])}")
-        t = src.to(dtype).to(device)
-        if mapped and t.data_ptr() == src.data_ptr():
-            t = t.clone()  # never let a parameter alias a memory-mapped file (it is read-only data we close)
-        del src
+    for name, t in stream(expected, dtype, torch.device(device)):  # in model order, a layer at a time
         _assign(model, name, hook(name, t) if hook is not None else t)
-    model.init_rope(device)
+    model.init_rope(torch.device(device))
     return model.eval()
 
 
@@ -183,6 +175,11 @@ def _by_layer(names: list[str]) -> Iterable[list[str]]:
     ever resident on top of the loaded tensors."""
     for _, group in groupby(names, key=lambda n: ".".join(n.split(".")[:2]) if n.startswith("layers.") else n):
         yield list(group)
+
+
+def _check_shape(file: Path, name: str, found: torch.Size, expected: torch.Size) -> None:
+    if found != expected:
+        raise CheckpointError(f"{file}: tensor {name} has shape {tuple(found)}, but the config implies {tuple(expected)}")
 
 
 def _read_json(file: Path) -> dict:
@@ -238,27 +235,30 @@ def _open_meta(path: Path):
         args.vocab_size = first["tok_embeddings.weight"].shape[0]  # rows are not split, only columns
     del first
 
-    def merge(name: str, parts: list[Tensor]) -> Tensor:
-        if len(parts) == 1:
-            return parts[0]
-        kind = name.split(".")[-2]
-        if kind in _COLUMN_PARALLEL:
-            return torch.cat(parts, dim=0)
-        if kind in _ROW_PARALLEL:
-            return torch.cat(parts, dim=1)
-        return parts[0]  # norms are replicated on every rank
-
-    def stream(names: list[str]):
-        for group in _by_layer(names):
+    def stream(expected: dict[str, torch.Size], dtype: torch.dtype, device: torch.device):
+        for group in _by_layer(list(expected)):
             shards = [_torch_load(f) for f in files]
             for name in group:
                 parts = [s[name] for s in shards]
-                if len({p.shape for p in parts}) != 1:
+                kind = name.split(".")[-2]
+                dim = 0 if kind in _COLUMN_PARALLEL else 1 if kind in _ROW_PARALLEL else None  # None: replicated
+                if dim is None or len(parts) == 1:
+                    parts = parts[:1]
+                    shape = parts[0].shape
+                elif len({p.shape for p in parts}) != 1:
                     raise CheckpointError(f"{path}: tensor {name} has different shapes across shards "
                                           f"{[tuple(p.shape) for p in parts]}")
-                yield name, merge(name, parts), len(parts) == 1  # one shard: still the mmap'd tensor
+                else:
+                    shape = torch.Size(n * len(parts) if d == dim else n for d, n in enumerate(parts[0].shape))
+                _check_shape(path, name, shape, expected[name])
+                # Copy the shards straight into the merged tensor in the target dtype and device: no
+                # full-size temporary, and the result never aliases the memory-mapped file.
+                out = torch.empty(shape, dtype=dtype, device=device)
+                for i, part in enumerate(parts):
+                    (out if len(parts) == 1 else out.narrow(dim, i * part.shape[dim], part.shape[dim])).copy_(part)
                 del parts
-            del shards
+                yield name, out
+            del shards  # unmaps the files: only this layer's pages were ever resident
 
     return args, sorted(keys), stream
 
@@ -328,19 +328,20 @@ def _open_hf(path: Path):
         else:
             raise CheckpointError(f"{path}: no lm_head.weight and tie_word_embeddings is not set in config.json")
 
-    def stream(names: list[str]):
-        for group in _by_layer(names):
+    def stream(expected: dict[str, torch.Size], dtype: torch.dtype, device: torch.device):
+        for group in _by_layer(list(expected)):
             handles = {}
             for name in group:
                 file, key = where[name]
                 if file not in handles:
                     handles[file] = _safe_open(file)
-                t = handles[file].get_tensor(key)
+                t = handles[file].get_tensor(key)  # a copy out of the file, in the file's dtype
+                _check_shape(file, name, t.shape, expected[name])
                 if name.endswith("attention.wq.weight"):
                     t = unpermute_from_hf(t, args.n_heads)
                 elif name.endswith("attention.wk.weight"):
                     t = unpermute_from_hf(t, args.n_kv_heads or args.n_heads)
-                yield name, t, False  # get_tensor copies out of the file
+                yield name, t.to(dtype).to(device)
             del handles
 
     return args, sorted(where), stream
