@@ -370,31 +370,37 @@ def _check_tokenizer(path: Path, vocab_size: int) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def export_state_dict(model: Transformer) -> dict[str, Tensor]:
-    """Meta-named dense weights of `model`. A module with a `dequantize()` method (quant.NF4Linear) gives
-    its dequantized weight as "<module>.weight"; anything else that is not a plain parameter of the Llama
-    architecture (e.g. LoRA adapters not yet merged) is an error."""
-    sd: dict[str, Tensor] = {}
-    skip: list[str] = []
+def _export_tensors(model: Transformer) -> dict[str, tuple[Callable[[], Tensor], torch.Size]]:
+    """Meta name -> (a function giving that dense weight, its shape), in Meta's order. A module with a
+    `dequantize()` method and no `.weight` (quant.NF4Linear) gives its dequantized weight as
+    "<module>.weight"; the functions are called one at a time while writing, so a quantized model is never
+    dense all at once. Anything that is not a parameter of the Llama architecture (e.g. an unmerged LoRA)
+    is an error."""
+    found: dict[str, Callable[[], Tensor]] = {}
+    quantized: list[str] = []
     for mname, module in model.named_modules():
-        if any(mname.startswith(s + ".") for s in skip):
+        if any(mname.startswith(q + ".") for q in quantized):
             continue
-        if callable(getattr(module, "dequantize", None)) and not isinstance(getattr(module, "weight", None), nn.Parameter):
-            sd[f"{mname}.weight"] = module.dequantize()
-            skip.append(mname)
+        if callable(getattr(module, "dequantize", None)) and not isinstance(getattr(module, "weight", None), Tensor):
+            found[f"{mname}.weight"] = module.dequantize
+            quantized.append(mname)
             continue
         for pname, p in module.named_parameters(recurse=False):
-            sd[f"{mname}.{pname}" if mname else pname] = p
+            found[f"{mname}.{pname}" if mname else pname] = p.detach
     with torch.device("meta"):
         expected = {n: p.shape for n, p in Transformer(model.args).named_parameters()}
-    if set(sd) != set(expected):
-        missing, extra = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    if set(found) != set(expected):
+        missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
         raise ValueError(f"save_model: the model is not a plain Llama (missing {missing[:3]}, extra {extra[:3]}); "
                          "merge LoRA adapters first (lora.merge_lora)")
-    for n, t in sd.items():
-        if t.shape != expected[n]:
-            raise ValueError(f"save_model: {n} has shape {tuple(t.shape)}, args imply {tuple(expected[n])}")
-    return {n: sd[n].detach() for n in expected}
+    return {n: (found[n], shape) for n, shape in expected.items()}
+
+
+def _materialize(name: str, get: Callable[[], Tensor], shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    t = get().detach()
+    if t.shape != shape:
+        raise ValueError(f"save_model: {name} has shape {tuple(t.shape)}, model.args imply {tuple(shape)}")
+    return t.to("cpu", dtype).contiguous()
 
 
 def meta_params(args: ModelArgs) -> dict:
@@ -427,9 +433,10 @@ def hf_config(args: ModelArgs, intermediate_size: int, dtype: torch.dtype) -> di
 def save_model(model: Transformer, path: str | Path, layout: str = "meta", tokenizer: str | Path | None = None,
                max_shard_size: int = 5 * 10**9) -> Path:
     """Write `model` as a Meta folder (consolidated.00.pth + params.json) or a Hugging Face folder
-    (config.json + model.safetensors, split into model-0000k-of-0000n.safetensors + index past max_shard_size
-    bytes). `tokenizer` (a tokenizer.model or its folder) is copied in, with its added_tokens.json.
-    Written to a temporary folder and renamed into place, so a crash never leaves a half-written `path`."""
+    (config.json + model.safetensors, split into model-0000k-of-0000n.safetensors + an index past
+    max_shard_size bytes), in the dtype of its embedding. `tokenizer` (a tokenizer.model or its folder) is
+    copied in, with the added_tokens.json beside it. Written to a temporary folder and renamed into place,
+    so a crash never leaves a half-written `path` (an existing `path` is replaced)."""
     if layout not in ("meta", "hf"):
         raise ValueError(f"save_model: layout must be 'meta' or 'hf', got {layout!r}")
     path = Path(path)
@@ -441,23 +448,25 @@ def save_model(model: Transformer, path: str | Path, layout: str = "meta", token
             raise ValueError(f"save_model: tokenizer {tok} does not exist")
         tok_files = [tok] + ([tok.parent / "added_tokens.json"] if (tok.parent / "added_tokens.json").is_file() else [])
 
-    sd = export_state_dict(model)
+    tensors = _export_tensors(model)
+    dtype = model.tok_embeddings.weight.dtype
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         if layout == "meta":
-            torch.save({n: t.cpu().contiguous() for n, t in sd.items()}, tmp / "consolidated.00.pth")
+            sd = {n: _materialize(n, get, shape, dtype) for n, (get, shape) in tensors.items()}
+            torch.save(sd, tmp / "consolidated.00.pth")
+            del sd
             (tmp / "params.json").write_text(json.dumps(meta_params(model.args), indent=2))
         else:
-            dtype = sd["tok_embeddings.weight"].dtype
-            hidden = sd["layers.0.feed_forward.w1.weight"].shape[0]
+            hidden = tensors["layers.0.feed_forward.w1.weight"][1][0]
             (tmp / "config.json").write_text(json.dumps(hf_config(model.args, hidden, dtype), indent=2))
-            _save_hf_weights(sd, model.args, tmp, max_shard_size)
+            _save_hf_weights(tensors, model.args, dtype, tmp, max_shard_size)
         for f in tok_files:
             shutil.copyfile(f, tmp / f.name)
-        if path.exists():  # replace: move the old folder aside first (a rename cannot replace a non-empty dir)
+        if path.exists():  # a rename cannot replace a non-empty folder: move the old one aside first
             old = path.parent / f".{path.name}.old-{os.getpid()}"
             path.rename(old)
             tmp.rename(path)
@@ -469,28 +478,35 @@ def save_model(model: Transformer, path: str | Path, layout: str = "meta", token
     return path
 
 
-def _save_hf_weights(sd: dict[str, Tensor], args: ModelArgs, folder: Path, max_shard_size: int) -> None:
-    shards: list[dict[str, Tensor]] = [{}]
-    size = 0
-    for name, t in sd.items():
-        if name.endswith("attention.wq.weight"):
-            t = permute_for_hf(t, args.n_heads)
-        elif name.endswith("attention.wk.weight"):
-            t = permute_for_hf(t, args.n_kv_heads or args.n_heads)
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append({})
+def _save_hf_weights(tensors: dict, args: ModelArgs, dtype: torch.dtype, folder: Path, max_shard_size: int) -> None:
+    """Plan the shards from the shapes first (file names carry the shard count), then write one shard at a
+    time so only one shard is ever materialised on the CPU."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    plan: list[list[str]] = [[]]
+    size = total = 0
+    for name, (_, shape) in tensors.items():
+        nbytes = shape.numel() * itemsize
+        if plan[-1] and size + nbytes > max_shard_size:
+            plan.append([])
             size = 0
-        shards[-1][meta_to_hf_key(name)] = t.cpu().contiguous()
+        plan[-1].append(name)
         size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
-        return
+        total += nbytes
+    files = (["model.safetensors"] if len(plan) == 1 else
+             [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
     weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    for fname, names in zip(files, plan):
+        shard = {}
+        for name in names:
+            t = _materialize(name, *tensors[name], dtype)
+            if name.endswith("attention.wq.weight"):
+                t = permute_for_hf(t, args.n_heads)
+            elif name.endswith("attention.wk.weight"):
+                t = permute_for_hf(t, args.n_kv_heads or args.n_heads)
+            shard[meta_to_hf_key(name)] = t.contiguous()
         save_file(shard, str(folder / fname), metadata={"format": "pt"})
         weight_map.update({k: fname for k in shard})
-    total = sum(t.numel() * t.element_size() for t in sd.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        del shard
+    if len(plan) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -213,9 +213,10 @@ class Transformer(nn.Module):
         self.rope_cos, self.rope_sin = rope_tables(a.dim // a.n_heads, a.max_seq_len, a.rope_theta, device)
 
     def _apply(self, fn, recurse=True):
-        # model.to(bfloat16) would cast the RoPE tables too; angles up to 4096 need fp32, so recompute them.
+        # model.to(bfloat16) would cast the RoPE tables too (angles up to 4096 need fp32) and to_empty() would
+        # leave them uninitialised: recompute them, in fp32, wherever they now live. They are small.
         super()._apply(fn, recurse)
-        if self.rope_cos.dtype != torch.float32 and self.rope_cos.device.type != "meta":
+        if self.rope_cos.device.type != "meta":
             self.init_rope(self.rope_cos.device)
         return self
 
@@ -278,7 +279,9 @@ def packed_mask(doc_ids: Tensor):
     if use_flex and create_block_mask is not None:
         def same_doc_causal(b, h, q, kv):
             return (q >= kv) & (doc_ids[b, q] == doc_ids[b, kv])
-        return create_block_mask(same_doc_causal, B, None, T, T, device=doc_ids.device)
+        # compiled on CUDA so the [B, T, T] mask is never materialised, only its 128 x 128 block summary
+        return create_block_mask(same_doc_causal, B, None, T, T, device=doc_ids.device,
+                                 _compile=doc_ids.device.type == "cuda")
     causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
     return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
 

@@ -221,3 +221,7 @@ def test_rope_tables_stay_fp32_through_casts():
     model.to(torch.bfloat16)
     assert model.rope_cos.dtype == torch.float32 and torch.equal(model.rope_cos, cos)
     assert model.tok_embeddings.weight.dtype == torch.bfloat16
+    with torch.device("meta"):
+        empty = Transformer(ModelArgs(**ARGS))
+    empty.to_empty(device="cpu")  # uninitialised storage: the RoPE tables must still be right
+    assert torch.equal(empty.rope_cos, cos) and torch.equal(empty.rope_sin, rope_tables(DIM // HEADS, 128, 10000.0)[1])
