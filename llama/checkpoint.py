@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from sentencepiece import SentencePieceProcessor
 from torch import Tensor, nn
 
 from .model import ModelArgs, Transformer
@@ -335,13 +336,17 @@ def _open_hf(path: Path):
                 file, key = where[name]
                 if file not in handles:
                     handles[file] = _safe_open(file)
-                t = handles[file].get_tensor(key)  # a copy out of the file, in the file's dtype
+                t = handles[file].get_tensor(key)  # may be a view of the memory-mapped file
                 _check_shape(file, name, t.shape, expected[name])
-                if name.endswith("attention.wq.weight"):
-                    t = unpermute_from_hf(t, args.n_heads)
-                elif name.endswith("attention.wk.weight"):
-                    t = unpermute_from_hf(t, args.n_kv_heads or args.n_heads)
-                yield name, t.to(dtype).to(device)
+                out = torch.empty(t.shape, dtype=dtype, device=device)  # our own memory, in the target dtype
+                heads = {"wq": args.n_heads, "wk": args.n_kv_heads or args.n_heads}.get(name.split(".")[-2])
+                if heads:  # unpermute_from_hf, written as a copy into place so no temporary is made
+                    D = t.shape[0] // heads
+                    out.view(heads, D // 2, 2, -1).copy_(t.view(heads, 2, D // 2, -1).transpose(1, 2))
+                else:
+                    out.copy_(t)
+                del t
+                yield name, out
             del handles
 
     return args, sorted(where), stream
@@ -352,7 +357,6 @@ def _check_tokenizer(path: Path, vocab_size: int) -> None:
     tok = find_tokenizer(path)
     if tok is None:
         return
-    from sentencepiece import SentencePieceProcessor
     try:
         n = SentencePieceProcessor(model_file=str(tok)).vocab_size()
     except (OSError, RuntimeError) as e:

@@ -168,6 +168,18 @@ def test_dtype_and_eval_mode(tmp_path, hf):
     assert model.rope_cos.dtype == torch.float32 and model.rope_cos.device.type == "cpu"
 
 
+def test_parameters_do_not_alias_the_files(tmp_path, hf, ref_logits):
+    """Files are memory-mapped while loading; the loaded weights must be copies, not views of the files
+    (overwriting a file in place afterwards must not change the model)."""
+    hf.save_pretrained(tmp_path / "hf")
+    for folder, pattern in ((write_meta(tmp_path / "meta", meta_state_dict(hf)), "*.pth"), (tmp_path / "hf", "*.safetensors")):
+        model = load_model(folder, dtype=torch.float32)
+        for f in folder.glob(pattern):
+            with open(f, "r+b") as fh:
+                fh.write(b"\x00" * f.stat().st_size)
+        assert (logits(model) - ref_logits).abs().max().item() < 1e-4, folder.name
+
+
 # ---- saving
 
 
@@ -299,8 +311,8 @@ print(json.dumps({"base": base, "peak": status("VmHWM"), "size": size}))
 
 
 def test_peak_memory_while_loading(tmp_path, hf):
-    """A ~220 MB fp32 checkpoint in 2 Meta shards, loaded as fp32 and as bf16: the peak resident memory the
-    load adds is at most 1.2x the loaded model (no second copy, no full-size temporaries)."""
+    """A ~220 MB fp32 checkpoint (2 Meta shards; 3 HF shards), loaded as fp32 and as bf16: the peak resident
+    memory the load adds is at most 1.2x the loaded model (no second copy, no full-size temporaries)."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc to measure peak RSS")
     args = ModelArgs(dim=512, n_layers=16, n_heads=8, n_kv_heads=4, vocab_size=8192, multiple_of=256)
@@ -312,16 +324,18 @@ def test_peak_memory_while_loading(tmp_path, hf):
     for i, shard in enumerate(split_like_meta(sd, 2)):
         torch.save(shard, big / f"consolidated.{i:02d}.pth")
     (big / "params.json").write_text(json.dumps(args.__dict__))
+    big_hf = tmp_path / "big_hf"  # the same weights in HF layout, 3 safetensors shards
+    save_model(load_model(big, dtype=torch.float32), big_hf, layout="hf", max_shard_size=100 * 2**20)
     del sd
     small = write_meta(tmp_path / "small", meta_state_dict(hf), 2)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     ratios = {}
-    for dtype in ("float32", "bfloat16"):
-        r = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(big), str(small), dtype], capture_output=True,
+    for folder, dtype in ((big, "float32"), (big, "bfloat16"), (big_hf, "bfloat16")):
+        r = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(folder), str(small), dtype], capture_output=True,
                            text=True, env=env, timeout=120)
         assert r.returncode == 0, r.stderr
         m = json.loads(r.stdout.strip().splitlines()[-1])
-        ratios[dtype] = round((m["peak"] - m["base"]) / m["size"], 3)
+        ratios[f"{folder.name} -> {dtype}"] = round((m["peak"] - m["base"]) / m["size"], 3)
     print(f"peak RSS added while loading / loaded model size: {ratios}")
     assert all(r < 1.2 for r in ratios.values()), ratios
 
