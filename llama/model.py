@@ -273,7 +273,9 @@ class Transformer(nn.Module):
 
 
 def packed_mask(doc_ids: Tensor):
-    """Causal AND same-document mask for packed rows: a flex BlockMask on CUDA, else bool [B, 1, T, T]."""
+    """Causal AND same-document mask for packed rows: a flex BlockMask on CUDA, else bool [B, 1, T, T].
+    Each document is one contiguous run of its id; give every document in a row its own id (padding may
+    share one id: it then only attends to padding)."""
     B, T = doc_ids.shape
     use_flex = USE_FLEX if USE_FLEX is not None else doc_ids.device.type == "cuda"
     if use_flex and create_block_mask is not None:
