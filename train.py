@@ -460,23 +460,58 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(out: Path, step: int, model, opt, keep: int) -> Path:
-    final = out / f"checkpoint-{step}"
-    tmp = out / f".tmp-checkpoint-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {"step": step, "model": trainable_state(model), "optimizer": opt.state_dict(), "rng": rng_state()}
-    with open(tmp / "state.pt", "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
-    _fsync_dir(out)
-    for old in sorted(list_checkpoints(out))[:-keep] if keep > 0 else []:
-        shutil.rmtree(out / f"checkpoint-{old}", ignore_errors=True)
+def save_checkpoint(out: Path, step: int, model, opt, keep: int, dist_ctx: "Dist") -> Path:
+    """OUT/checkpoint-STEP: state.pt (one process, or data-parallel adapters: rank 0 writes), or with FSDP
+    every rank's shard through torch.distributed.checkpoint. Written to a temp dir, fsynced, renamed."""
+    final, tmp = out / f"checkpoint-{step}", out / f".tmp-checkpoint-{step}"
+    if dist_ctx.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist_ctx.barrier()
+    if dist_ctx.fsdp:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp / "dcp"))
+        torch.save({"step": step, "rng": rng_state()}, tmp / f"rng-rank{dist_ctx.rank}.pt")
+    if dist_ctx.rank == 0:
+        state = {"step": step, "rng": rng_state()}
+        if not dist_ctx.fsdp:
+            state.update(model=trainable_state(model), optimizer=opt.state_dict())
+        with open(tmp / "state.pt", "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    dist_ctx.barrier()
+    if dist_ctx.rank == 0:
+        _fsync_dir(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        _fsync_dir(out)
+        for old in list_checkpoints(out)[:-keep] if keep > 0 else []:
+            shutil.rmtree(out / f"checkpoint-{old}", ignore_errors=True)
+    dist_ctx.barrier()
     return final
+
+
+def load_checkpoint(ck: Path, model, opt, dist_ctx: "Dist") -> int:
+    state = torch.load(ck / "state.pt", weights_only=False, map_location="cpu")
+    if dist_ctx.fsdp:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        msd, osd = get_state_dict(model, opt)
+        sd = {"model": msd, "optimizer": osd}
+        dcp.load(sd, checkpoint_id=str(ck / "dcp"))
+        set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+        set_rng_state(torch.load(ck / f"rng-rank{dist_ctx.rank}.pt", weights_only=False)["rng"])
+    else:
+        named = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, t in state["model"].items():
+                named[n].copy_(t)
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+    return state["step"]
 
 
 def list_checkpoints(out: Path) -> list[int]:
@@ -539,15 +574,98 @@ def prepare_out(cfg: TrainConfig) -> Path:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Several processes (torchrun): full fine-tuning shards every block with FSDP2; LoRA/QLoRA replicate the
+# frozen base and all-reduce the adapters' gradients. Each optimizer step's rows are split across ranks,
+# and the loss is normalised by the trained-token count of the whole global batch, so N processes compute
+# exactly the gradient one process computes on the same global batch.
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    fsdp: bool = False
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def say(self, *a, **kw) -> None:
+        if self.rank == 0:
+            print(*a, **kw)
+
+
+def init_distributed() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(rank=torch.distributed.get_rank(), world=world)
+
+
+def shard_model(model, dist_ctx: Dist, device: torch.device) -> None:
+    """FSDP2: each block's parameters are split across ranks and gathered just in time."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.type, (dist_ctx.world,))
+    for block in model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    dist_ctx.fsdp = True
+
+
+def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
+    """Data-parallel adapters: sum the gradients of all ranks in one flat buffer (one collective)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    torch.distributed.all_reduce(flat)
+    for g, v in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(v.view_as(g))
+
+
+def full_state_model(model, dist_ctx: Dist):
+    """The unsharded model for saving (a collective under FSDP; rank 0 gets a plain Transformer)."""
+    if not dist_ctx.fsdp:
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from llama import Transformer
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist_ctx.rank != 0:
+        return None
+    with torch.device("meta"):
+        plain = Transformer(model.args)
+    plain.load_state_dict(sd, assign=True)
+    plain.init_rope("cpu")
+    return plain
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
 def train(cfg: TrainConfig) -> dict:
+    dist_ctx = init_distributed()
+    try:
+        return _train(cfg, dist_ctx)
+    finally:
+        if dist_ctx.world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
+    say = dist_ctx.say
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     device, dtype = resolve_device_dtype(cfg)
     if cfg.template not in TEMPLATES:
         raise UserError(f"--template {cfg.template}: expected one of {', '.join(TEMPLATES)}")
-    out = prepare_out(cfg)
-    print("config:", json.dumps(dataclasses.asdict(cfg)), flush=True)
+    out = prepare_out(cfg) if dist_ctx.rank == 0 else Path(cfg.out)
+    dist_ctx.barrier()
+    say("config:", json.dumps(dataclasses.asdict(cfg)), flush=True)
 
     # ---- data first (bad rows fail in seconds), then the model
     tokenizer, new_tokens = load_tokenizer(cfg)
@@ -560,52 +678,53 @@ def train(cfg: TrainConfig) -> dict:
     stats["packing_efficiency"] = round(n_tokens / rows["tokens"].numel(), 4)
     stats["padding_fraction"] = round(1 - stats["packing_efficiency"], 4)
     stats["train_samples"], stats["val_samples"] = len(train_s), len(val_s)
-    print_stats(stats)
+    if dist_ctx.rank == 0:
+        print_stats(stats)
     t0 = time.time()
     model, quantized = build_model(cfg, tokenizer, new_tokens, device, dtype)
-    print(f"model: loaded{' + NF4-quantized' if quantized else ''} in {time.time() - t0:.1f}s", flush=True)
+    say(f"model: loaded{' + NF4-quantized' if quantized else ''} in {time.time() - t0:.1f}s", flush=True)
+    if cfg.full and dist_ctx.world > 1:
+        shard_model(model, dist_ctx, device)
 
-    # ---- optimiser and schedule
+    # ---- optimiser and schedule; each optimizer step uses per_step rows, split across ranks
     params = [p for p in model.parameters() if p.requires_grad]
-    n_train = sum(p.numel() for p in params)
-    n_total = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
-    print(f"trainable params: {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f}%)", flush=True)
+    n_train = sum(p.numel() for p in params) * (dist_ctx.world if dist_ctx.fsdp else 1)
+    n_total = sum(p.numel() for p in model.parameters()) * (dist_ctx.world if dist_ctx.fsdp else 1) \
+        + sum(b.numel() for b in model.buffers())
+    say(f"trainable params: {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f}%)"
+        + (f"; {dist_ctx.world} processes" if dist_ctx.world > 1 else ""), flush=True)
     opt = make_optimizer(cfg, params, device)
-    per_step = cfg.batch_size * cfg.grad_accum
+    per_rank = cfg.batch_size * cfg.grad_accum
+    per_step = per_rank * dist_ctx.world
     steps_per_epoch = math.ceil(len(rows["tokens"]) / per_step)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
     step = 0
     if cfg.resume and list_checkpoints(out):
         ck = out / f"checkpoint-{list_checkpoints(out)[-1]}"
-        state = torch.load(ck / "state.pt", weights_only=False, map_location="cpu")
-        named = dict(model.named_parameters())
-        with torch.no_grad():
-            for n, t in state["model"].items():
-                named[n].copy_(t)
-        opt.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        step = state["step"]
-        print(f"resumed from {ck} at step {step}", flush=True)
-    if cfg.resume and (out / "metrics.jsonl").exists():  # drop lines logged after the checkpoint we resume from
-        kept = [ln for ln in (out / "metrics.jsonl").read_text().splitlines() if json.loads(ln)["step"] <= step]
-        (out / "metrics.jsonl").write_text("".join(ln + "\n" for ln in kept))
-    (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    (out / "data_stats.json").write_text(json.dumps(stats, indent=2))
+        step = load_checkpoint(ck, model, opt, dist_ctx)
+        say(f"resumed from {ck} at step {step}", flush=True)
+    if dist_ctx.rank == 0:
+        if cfg.resume and (out / "metrics.jsonl").exists():  # drop lines logged after the checkpoint
+            kept = [ln for ln in (out / "metrics.jsonl").read_text().splitlines() if json.loads(ln)["step"] <= step]
+            (out / "metrics.jsonl").write_text("".join(ln + "\n" for ln in kept))
+        (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        (out / "data_stats.json").write_text(json.dumps(stats, indent=2))
 
+    gen_eval = bool(cfg.gen_eval) and not dist_ctx.fsdp  # generation needs the whole model in one process
     before = None
-    if cfg.gen_eval and step == 0:
-        items = read_gen_eval(cfg.gen_eval)
-        before = exact_match(model, tokenizer, items, cfg.template, device)
+    if gen_eval and step == 0:
+        before = exact_match(model, tokenizer, read_gen_eval(cfg.gen_eval), cfg.template, device)
 
-    # ---- loop: each optimizer step takes the next per_step rows of this epoch's permutation
+    # ---- loop: step k takes rows [k*per_step, (k+1)*per_step) of its epoch's permutation
     stop = {"signal": None}
-    def on_signal(signum, frame):
+
+    def on_signal(signum, frame):  # finish the step, save a checkpoint, exit
         stop["signal"] = signum
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and dtype != torch.float32 \
-        else torch.autocast("cpu", enabled=False)
-    metrics_f = open(out / "metrics.jsonl", "a")
+    autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32 \
+        else torch.autocast(device.type, enabled=False)
+    metrics_f = open(out / "metrics.jsonl", "a") if dist_ctx.rank == 0 else None
     model.train()
     bad_steps, last, t_start = 0, {}, time.time()
     try:
@@ -614,23 +733,33 @@ def train(cfg: TrainConfig) -> dict:
             epoch, pos = divmod(step * per_step, steps_per_epoch * per_step)
             perm = torch.randperm(len(rows["tokens"]), generator=torch.Generator().manual_seed(cfg.seed + epoch))
             idx = perm[pos: pos + per_step]
+            if len(idx) < per_step:  # the epoch's last step wraps around (as DistributedSampler pads), so every
+                idx = torch.cat([idx, perm[: per_step - len(idx)]])  # rank runs the same micro-batches
+            n_target = int((rows["labels"][idx] != -100).sum())  # over the global batch, on every rank
+            mine = idx[dist_ctx.rank * per_rank: (dist_ctx.rank + 1) * per_rank]
             lr = lr_at(step, total, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
-            n_target = int((rows["labels"][idx] != -100).sum())
-            loss_total = 0.0
-            for m in range(0, len(idx), cfg.batch_size):
-                b = {k: v[idx[m: m + cfg.batch_size]].to(device) for k, v in rows.items()}
+            loss_total = torch.zeros((), device=device)
+            for m in range(0, len(mine), cfg.batch_size):
+                b = {k: v[mine[m: m + cfg.batch_size]].to(device) for k, v in rows.items()}
                 with autocast:
                     loss = loss_sum(model, b["tokens"], b["labels"], b["doc_ids"]) / max(n_target, 1)
-                loss.backward()
-                loss_total += loss.item()
+                # FSDP averages gradients over ranks; our loss is already normalised over the global batch
+                (loss * dist_ctx.world if dist_ctx.fsdp else loss).backward()
+                loss_total += loss.detach()
+            if dist_ctx.world > 1:
+                torch.distributed.all_reduce(loss_total)
+                if not dist_ctx.fsdp:
+                    all_reduce_grads(params)
+            loss_total = loss_total.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-            if not (math.isfinite(loss_total) and torch.isfinite(grad_norm)):
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
                 bad_steps += 1
                 opt.zero_grad(set_to_none=True)
-                print(f"\nstep {step + 1}: non-finite loss/gradient ({loss_total}, {float(grad_norm)}); step skipped "
-                      f"({bad_steps}/{cfg.max_bad_steps} in a row)", flush=True)
+                say(f"\nstep {step + 1}: non-finite loss/gradient ({loss_total}, {grad_norm}); step skipped "
+                    f"({bad_steps}/{cfg.max_bad_steps} in a row)", flush=True)
                 if bad_steps >= cfg.max_bad_steps:
                     raise UserError(f"{bad_steps} non-finite steps in a row at step {step + 1}: the run diverged. "
                                     "Lower --lr, use fp32/bf16 instead of fp16, or check the data.")
@@ -642,51 +771,58 @@ def train(cfg: TrainConfig) -> dict:
             step += 1
             dt = time.time() - t_step
             last = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": round(loss_total, 6), "lr": lr,
-                    "grad_norm": round(float(grad_norm), 6), "tokens_per_s": round(len(idx) * cfg.seq_len / dt, 1),
+                    "grad_norm": round(grad_norm, 6), "tokens_per_s": round(len(idx) * cfg.seq_len / dt, 1),
                     "peak_mem_mb": round(peak_mem_mb(device), 1)}
             if val_rows is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
                 last.update(evaluate(model, val_rows, cfg.batch_size, device))
-            if step % cfg.log_every == 0 or step == total or "eval_loss" in last:
+            if metrics_f and (step % cfg.log_every == 0 or step == total or "eval_loss" in last):
                 metrics_f.write(json.dumps(last) + "\n")
                 metrics_f.flush()
                 eta = (time.time() - t_start) / max(step, 1) * (total - step)
                 ev = f" eval {last['eval_loss']:.4f}" if "eval_loss" in last else ""
-                end = "\n" if (not sys.stdout.isatty() or step == total or ev) else ""
-                print(f"\rstep {step}/{total} loss {loss_total:.4f}{ev} lr {lr:.2e} "
+                tty = sys.stdout.isatty()
+                end = "\n" if (not tty or step == total or ev) else ""
+                print(f"{chr(13) if tty else ''}step {step}/{total} loss {loss_total:.4f}{ev} lr {lr:.2e} "
                       f"{last['tokens_per_s']:.0f} tok/s ETA {eta:.0f}s mem {fmt_mem(device)}   ", end=end, flush=True)
             if (cfg.save_every and step % cfg.save_every == 0) or stop["signal"]:
-                save_checkpoint(out, step, model, opt, cfg.save_total_limit)
+                save_checkpoint(out, step, model, opt, cfg.save_total_limit, dist_ctx)
             if stop["signal"]:
-                print(f"\nstopped by signal {stop['signal']} at step {step}; checkpoint saved, --resume continues",
-                      flush=True)
+                say(f"\nstopped by signal {stop['signal']} at step {step}; checkpoint saved, --resume continues",
+                    flush=True)
                 raise SystemExit(130)
     finally:
-        metrics_f.close()
+        if metrics_f:
+            metrics_f.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
 
-    # ---- outputs
+    # ---- outputs (rank 0)
     result = {"steps": step, "final": last, "data": stats}
     if cfg.full:
-        save_model(model, out / "model", layout="meta", tokenizer=tok_file(cfg))
-        tokenizer.save(out / "model")
-    else:
+        plain = full_state_model(model, dist_ctx)
+        if dist_ctx.rank == 0:
+            save_model(plain, out / "model", layout="meta", tokenizer=tok_file(cfg))
+            tokenizer.save(out / "model")
+    elif dist_ctx.rank == 0:
         lora.save_adapter(model, out / "adapter")
         tokenizer.save(out / "adapter")
-    if cfg.gen_eval:
+    if gen_eval:
         items = read_gen_eval(cfg.gen_eval)
         after = exact_match(model, tokenizer, items, cfg.template, device)
         result["exact_match_before"] = before[0] if before else None
         result["exact_match_after"] = after[0]
-        print_gen_eval(items, before, after)
-    if cfg.merge and not cfg.full:
+        if dist_ctx.rank == 0:
+            print_gen_eval(items, before, after)
+    if cfg.merge and not cfg.full and dist_ctx.rank == 0:
         lora.merge_lora(model)
         save_model(model, out / "merged", layout=cfg.merge_layout, tokenizer=tok_file(cfg))
         tokenizer.save(out / "merged")
         print(f"merged model ({cfg.merge_layout} layout) written to {out / 'merged'}")
-    plot_loss(out)
-    (out / "result.json").write_text(json.dumps(result, indent=2))
-    print(f"done: {step} steps; outputs in {out}", flush=True)
+    if dist_ctx.rank == 0:
+        plot_loss(out)
+        (out / "result.json").write_text(json.dumps(result, indent=2))
+        print(f"done: {step} steps; outputs in {out}", flush=True)
+    dist_ctx.barrier()
     return result
 
 

@@ -1,0 +1,53 @@
+"""Two CPU processes (torchrun, gloo) train exactly like one process on the same global batch.
+
+LoRA: replicated base, all-reduced adapter gradients. Full fine-tuning: FSDP2, every block sharded.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from llama import ModelArgs, Transformer, save_model
+
+DEMO_TOK = train.DEMO / "tiny-llama" / "tokenizer.model"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    torch.manual_seed(0)
+    from llama import Tokenizer
+    vocab = Tokenizer(str(DEMO_TOK)).n_words
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, multiple_of=16,
+                                  max_seq_len=128))
+    save_model(model, d, layout="meta", tokenizer=DEMO_TOK)
+    rows = [{"messages": [{"role": "user", "content": f"What is the opposite of {a}?"},
+                          {"role": "assistant", "content": f"The opposite of {a} is {b}."}]}
+            for a, b in [("hot", "cold"), ("up", "down"), ("big", "small"), ("fast", "slow"), ("wet", "dry")] * 3]
+    (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def run(ckpt, out, nproc, batch, accum, *extra):
+    args = ["train.py", "--ckpt", str(ckpt), "--data", str(ckpt / "data.jsonl"), "--out", str(out), "--seq-len", "32",
+            "--batch-size", str(batch), "--grad-accum", str(accum), "--max-steps", "4", "--lr", "3e-3",
+            "--lora-dropout", "0", "--warmup-ratio", "0", "--quant", "none", *extra]
+    cmd = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                             if nproc > 1 else []), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=train.ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("mode", [[], ["--full"]], ids=["lora", "full-fsdp"])
+def test_two_processes_match_one(tmp_path, ckpt, mode):
+    one = run(ckpt, tmp_path / "one", 1, 2, 2, *mode)
+    two = run(ckpt, tmp_path / "two", 2, 2, 1, *mode)  # same global batch: 2 ranks x 2 rows
+    assert len(one) == len(two) == 4
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5, (one, two)
+    assert one[-1] < one[0]
