@@ -561,17 +561,32 @@ def peak_mem_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def prepare_out(cfg: TrainConfig) -> Path:
+def check_out(cfg: TrainConfig) -> Path:
+    """Refuse an --out that holds another run unless --resume or --overwrite; creates nothing yet, so a run
+    that fails on bad input leaves no half-written folder."""
     out = Path(cfg.out)
-    cfg_file = out / "run_config.json"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
     if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
         raise UserError(f"--out {out} already holds files"
-                        + (" from another run" if cfg_file.exists() else "")
+                        + (" from another run" if (out / "run_config.json").exists() else "")
                         + "; pass --resume to continue it, --overwrite to replace it, or choose another --out")
-    if cfg.overwrite and not cfg.resume and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def estimate_checkpoint_bytes(params: list[torch.nn.Parameter], cfg: TrainConfig) -> int:
+    """Trainable weights (fp32) plus AdamW's two moments (fp32, or ~1 byte each for the 8-bit optimizers)."""
+    n = sum(p.numel() for p in params)
+    return n * (4 + (2 if "8bit" in cfg.optim else 8)) + (1 << 20)
+
+
+def check_disk(out: Path, params: list[torch.nn.Parameter], cfg: TrainConfig) -> None:
+    need = estimate_checkpoint_bytes(params, cfg) * ((cfg.save_total_limit + 1) if cfg.save_every else 1)
+    free = shutil.disk_usage(out if out.exists() else out.parent if out.parent.exists() else Path(".")).free
+    if free < need:
+        raise UserError(f"--out {out}: {free / 2**30:.2f} GiB free on disk, but {need / 2**30:.2f} GiB are needed "
+                        f"({cfg.save_total_limit} checkpoints of {estimate_checkpoint_bytes(params, cfg) / 2**30:.2f} GiB "
+                        "plus the final adapter); free space, lower --save-total-limit or choose another --out")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -663,8 +678,7 @@ def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
     device, dtype = resolve_device_dtype(cfg)
     if cfg.template not in TEMPLATES:
         raise UserError(f"--template {cfg.template}: expected one of {', '.join(TEMPLATES)}")
-    out = prepare_out(cfg) if dist_ctx.rank == 0 else Path(cfg.out)
-    dist_ctx.barrier()
+    out = check_out(cfg)
     say("config:", json.dumps(dataclasses.asdict(cfg)), flush=True)
 
     # ---- data first (bad rows fail in seconds), then the model
@@ -694,6 +708,12 @@ def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
     say(f"trainable params: {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f}%)"
         + (f"; {dist_ctx.world} processes" if dist_ctx.world > 1 else ""), flush=True)
     opt = make_optimizer(cfg, params, device)
+    if dist_ctx.rank == 0:  # everything checked: now OUT may be written
+        check_disk(out, params, cfg)
+        if cfg.overwrite and not cfg.resume and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    dist_ctx.barrier()
     per_rank = cfg.batch_size * cfg.grad_accum
     per_step = per_rank * dist_ctx.world
     steps_per_epoch = math.ceil(len(rows["tokens"]) / per_step)
@@ -758,6 +778,10 @@ def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
             if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
                 bad_steps += 1
                 opt.zero_grad(set_to_none=True)
+                if metrics_f:
+                    metrics_f.write(json.dumps({"step": step + 1, "skipped": "non-finite loss or gradient",
+                                                "loss": None, "lr": lr}) + "\n")
+                    metrics_f.flush()
                 say(f"\nstep {step + 1}: non-finite loss/gradient ({loss_total}, {grad_norm}); step skipped "
                     f"({bad_steps}/{cfg.max_bad_steps} in a row)", flush=True)
                 if bad_steps >= cfg.max_bad_steps:
@@ -860,7 +884,7 @@ def plot_loss(out: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:  # matplotlib is a [bench] extra: the curve is optional
         return
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("loss") is not None]
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))

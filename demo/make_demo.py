@@ -39,7 +39,8 @@ rise fall|rural urban|shout whisper|sink float|spend save|stand sit|start finish
 thin wide|tired rested|under over|vertical horizontal|visible hidden|wild tame|wise foolish|yes no"""
 
 PRETRAIN_FORMS = ["the opposite of {a} is {b}.", "{b} is the opposite of {a}.", "what is the opposite of {a}? {b}.",
-                  "{a} and {b} are opposites, the opposite of {a} is {b}."]
+                  "{a} and {b} are opposites, the opposite of {a} is {b}.",
+                  "is {b} the opposite of {a}? yes, the opposite of {a} is {b}."]
 QUESTIONS = ["What is the opposite of {a}?", "Tell me the opposite of {a}.", "opposite of {a}?"]
 ANSWER = "The opposite of {a} is {b}."
 
@@ -77,9 +78,10 @@ def write_data(rng: random.Random, out: Path, n_heldout: int = 20) -> tuple[list
     return text, directed(held)
 
 
-def train_tokenizer(text: list[str], out: Path, vocab_size: int = 512) -> None:
+def train_tokenizer(text: list[str], out: Path, vocab_size: int = 1024) -> None:
     """A small BPE SentencePiece model with Llama 2's settings (byte fallback, split digits, unk 0,
-    bos 1, eos 2, no pad), trained on the pretraining text plus the chat templates' markers."""
+    bos 1, eos 2, no pad), trained on the pretraining text plus the chat templates' markers. The vocabulary
+    is large enough that every word of the task is one token, so copying a word is one step."""
     import sentencepiece as spm
     markers = ["[INST] <<SYS>>\nYou are helpful.\n<</SYS>>\n\n [/INST]", "### User: ### Assistant:",
                "<|user|>\n<|assistant|>\n<|system|>\n", "Below is an instruction that describes a task. "

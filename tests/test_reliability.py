@@ -1,0 +1,240 @@
+"""Failure modes of train.py: bad input exits 2 with one clear paragraph and writes nothing; SIGKILL at any
+moment (also mid-save) loses at most the steps since the last checkpoint and a resumed run equals an
+uninterrupted one bit for bit; SIGTERM saves first; non-finite steps are skipped, then abort; the disk is
+checked; the data loader survives fuzzing."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from llama import ModelArgs, Tokenizer, Transformer, save_model
+
+DEMO_TOK = train.DEMO / "tiny-llama" / "tokenizer.model"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rel")
+    torch.manual_seed(0)
+    vocab = Tokenizer(str(DEMO_TOK)).n_words
+    save_model(Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, multiple_of=16,
+                                     max_seq_len=128)), d, layout="meta", tokenizer=DEMO_TOK)
+    rows = [{"messages": [{"role": "user", "content": f"What is the opposite of {a}?"},
+                          {"role": "assistant", "content": f"The opposite of {a} is {b}."}]}
+            for a, b in [("hot", "cold"), ("up", "down"), ("big", "small"), ("fast", "slow"), ("wet", "dry")] * 4]
+    (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def args(ckpt, out, *extra):
+    return ["--ckpt", str(ckpt), "--data", str(ckpt / "data.jsonl"), "--out", str(out), "--seq-len", "32",
+            "--batch-size", "2", "--grad-accum", "2", "--lr", "3e-3", "--lora-dropout", "0.1", "--quant", "none",
+            *extra]
+
+
+def cli(argv, **kw):
+    return subprocess.run([sys.executable, "train.py", *argv], cwd=train.ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, **kw)
+
+
+# ---- bad input: exit 2, one paragraph, no traceback, nothing written
+
+
+def bad_inputs(ckpt: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
+    trunc = tmp / "trunc"
+    trunc.mkdir()
+    for f in ckpt.iterdir():
+        (trunc / f.name).write_bytes(f.read_bytes())
+    pth = trunc / "consolidated.00.pth"
+    pth.write_bytes(pth.read_bytes()[: pth.stat().st_size // 2])
+    noparams = tmp / "noparams"
+    noparams.mkdir()
+    for f in ("consolidated.00.pth", "tokenizer.model"):
+        (noparams / f).write_bytes((ckpt / f).read_bytes())
+    badparams = tmp / "badparams"
+    badparams.mkdir()
+    for f in ckpt.iterdir():
+        (badparams / f.name).write_bytes(f.read_bytes())
+    p = json.loads((ckpt / "params.json").read_text())
+    p["dim"] = 96  # disagrees with the weights
+    (badparams / "params.json").write_text(json.dumps(p))
+    data = tmp / "d.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{oops\n')
+    empty = tmp / "empty.jsonl"
+    empty.write_text("")
+    role = tmp / "role.jsonl"
+    role.write_text('{"messages": [{"role": "wizard", "content": "hi"}]}\n')
+    other = tmp / "other_run"
+    other.mkdir()
+    (other / "run_config.json").write_text("{}")
+    base = lambda c, d=ckpt / "data.jsonl": ["--ckpt", str(c), "--data", str(d), "--max-steps", "1"]  # noqa: E731
+    return {
+        "truncated pth": (base(trunc), "consolidated.00.pth"),
+        "missing params.json": (base(noparams), "params.json"),
+        "shape disagrees": (base(badparams), "tok_embeddings.weight has shape (1024, 64), but the config implies (1024, 96)"),
+        "missing folder": (base(tmp / "nope"), "nope"),
+        "bad json line": (base(ckpt, data), "d.jsonl:2"),
+        "empty data": (base(ckpt, empty), "no training samples"),
+        "unknown role": (base(ckpt, role), "role.jsonl:1: message 0 has role 'wizard'"),
+        "seq-len too long": (base(ckpt) + ["--seq-len", "8192"], "--seq-len 8192 is longer than the model supports"),
+        "out holds another run": (base(ckpt) + ["--out", str(other)], "from another run"),
+    }
+
+
+def test_bad_input_exits_2_with_clear_message_and_writes_nothing(tmp_path, ckpt):
+    for name, (argv, expect) in bad_inputs(ckpt, tmp_path).items():
+        out = tmp_path / f"out-{name.replace(' ', '_')}"
+        if "--out" not in argv:
+            argv = argv + ["--out", str(out)]
+        r = cli(argv)
+        assert r.returncode == 2, (name, r.stdout[-800:], r.stderr[-800:])
+        assert expect in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)
+        assert r.stderr.startswith("error: "), (name, r.stderr)
+        if "--out" in argv and name != "out holds another run":
+            assert not out.exists(), name
+
+
+# ---- crashes
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapter_bytes(out: Path) -> bytes:
+    return (out / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+KILL_MID_SAVE = """
+import os, signal, sys, train
+real = train._fsync_dir
+def die_in_save(path):  # checkpoint-4's files are written but the folder is not renamed yet
+    if '.tmp-checkpoint-4' in str(path):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(path)
+train._fsync_dir = die_in_save
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path, ckpt):
+    steps = ["--max-steps", "6", "--save-every", "2"]
+    ref = tmp_path / "ref"
+    assert cli(args(ckpt, ref, *steps)).returncode == 0
+
+    # 1) killed while writing checkpoint-4: the temp folder is ignored, checkpoint-2 is the one resumed
+    out = tmp_path / "killed"
+    r = subprocess.run([sys.executable, "-c", KILL_MID_SAVE, *args(ckpt, out, *steps)], cwd=train.ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL
+    assert train.list_checkpoints(out) == [2] and (out / ".tmp-checkpoint-4").exists()
+    # 2) killed at a random moment of a resumed run, twice
+    rng = random.Random(0)
+    for _ in range(2):
+        p = subprocess.Popen([sys.executable, "train.py", *args(ckpt, out, *steps, "--resume")], cwd=train.ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(1.0, 4.0))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert cli(args(ckpt, out, *steps, "--resume")).returncode == 0
+    assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(ref)]
+    assert adapter_bytes(out) == adapter_bytes(ref)
+
+
+def test_sigterm_saves_then_resume_equals_uninterrupted(tmp_path, ckpt):
+    steps = ["--max-steps", "40"]
+    ref = tmp_path / "ref"
+    assert cli(args(ckpt, ref, *steps)).returncode == 0
+    out = tmp_path / "term"
+    p = subprocess.Popen([sys.executable, "train.py", *args(ckpt, out, *steps)], cwd=train.ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in p.stdout:  # wait until training runs, then ask it to stop
+        if line.startswith("step 3/"):
+            p.send_signal(signal.SIGTERM)
+    assert p.wait() == 130
+    saved = train.list_checkpoints(out)
+    assert len(saved) == 1 and 3 <= saved[0] < 40
+    assert cli(args(ckpt, out, *steps, "--resume")).returncode == 0
+    assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(ref)]
+    assert adapter_bytes(out) == adapter_bytes(ref)
+
+
+# ---- numerics and disk
+
+
+def test_non_finite_step_is_skipped_then_run_aborts(tmp_path, ckpt, monkeypatch, capsys):
+    real, calls = train.loss_sum, {"n": 0}
+
+    def nan_on_third_micro_batch(*a, **kw):
+        calls["n"] += 1
+        loss = real(*a, **kw)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(train, "loss_sum", nan_on_third_micro_batch)
+    assert train.main(args(ckpt, tmp_path / "a", "--max-steps", "4")) == 0
+    m = metrics(tmp_path / "a")
+    assert [x["step"] for x in m] == [1, 2, 3, 4] and m[1]["skipped"] and m[1]["loss"] is None
+    assert all(x["loss"] is not None for x in (m[0], m[2], m[3]))
+
+    monkeypatch.setattr(train, "loss_sum", lambda *a, **kw: real(*a, **kw) * float("nan"))
+    assert train.main(args(ckpt, tmp_path / "b", "--max-steps", "10", "--max-bad-steps", "3")) == 2
+    err = capsys.readouterr().err
+    assert "3 non-finite steps in a row at step 3" in err
+
+
+def test_disk_too_small_is_refused_before_writing(tmp_path, ckpt, monkeypatch, capsys):
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    out = tmp_path / "o"
+    assert train.main(args(ckpt, out, "--max-steps", "2", "--save-every", "1")) == 2
+    assert "free on disk" in capsys.readouterr().err and not out.exists()
+
+
+# ---- fuzzing the data loader
+
+
+def test_fuzz_data_loader_never_tracebacks(tmp_path):
+    tok = Tokenizer(str(DEMO_TOK))
+    rng = random.Random(1234)
+    good = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            {"instruction": "Say hi", "input": "", "output": "hi"},
+            {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}]
+    alphabet = "abc {}[]\":,\\\n\t\u00e9\u4e2d\U0001F600" + "".join(map(chr, range(32, 127)))
+    deadline = time.time() + 20
+    n = 0
+    while time.time() < deadline and n < 300:
+        n += 1
+        lines = []
+        for _ in range(rng.randint(1, 6)):
+            kind = rng.random()
+            row = json.dumps(rng.choice(good))
+            if kind < 0.3:
+                row = row[: rng.randint(0, len(row))]  # truncated JSON
+            elif kind < 0.5:
+                row = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))  # noise
+            elif kind < 0.8:  # valid JSON, random content / roles / token soup
+                text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+                role = rng.choice(["user", "assistant", "system", "bot", "", None])
+                row = json.dumps({"messages": [{"role": role, "content": text},
+                                               {"role": "assistant", "content": tok.decode(
+                                                   [rng.randrange(tok.n_words) for _ in range(rng.randint(0, 20))])}]})
+            lines.append(row)
+        p = tmp_path / f"f{n}.jsonl"
+        p.write_text("\n".join(lines) + "\n")
+        cfg = train.TrainConfig(data=[str(p)], seq_len=rng.choice([8, 16, 64]), overlong=rng.choice(["drop", "truncate"]))
+        try:
+            tr, val, stats = train.load_data(cfg, tok)
+        except train.UserError as e:
+            assert str(p) in str(e) or "no training samples" in str(e)
+            continue
+        s = stats["files"][str(p)]
+        # nothing dropped silently: every row is accepted, held out or counted as skipped
+        assert s["accepted"] + s["val"] + sum(s["skipped"].values()) == s["rows"] == len([x for x in lines if x.strip()])
+        assert len(tr) == s["accepted"] and all(len(ids) <= cfg.seq_len for ids, _ in tr)
