@@ -1,0 +1,239 @@
+"""4-bit NormalFloat (NF4) weights in bitsandbytes' exact format, and the layers that compute with them.
+
+The format (QLoRA, Dettmers et al. 2023, section 3 and appendix E; bitsandbytes `quantize_4bit`):
+
+    W (any shape) is flattened and cut into blocks of 64 values (the last block may be short; blocks run
+    over the flattened weight, so with K % 64 != 0 a block spans two rows).
+    per block:   absmax_b = max |w|;   q_i = argmin_j |w_i / absmax_b - NF4[j]|      (4 bits)
+    packed:      byte k = q_{2k} << 4 | q_{2k+1}            (first value in the high nibble)
+    double quant ("compress_statistics"): the fp32 absmaxes themselves are stored in 8 bits:
+                 offset = mean(absmax);  (absmax - offset) is quantized blockwise (256 per block) with
+                 bitsandbytes' 8-bit dynamic code `code2` and a per-256 fp32 scale `absmax2`
+    dequant:     absmax_b = code2[absmax_u8[b]] * absmax2[b // 256] + offset
+                 w_i = NF4[q_i] * absmax_b           (fp32 math, then cast to the weight dtype)
+
+That is 4 bits per weight plus 8/64 + 32/(64*256) bits of statistics: 4.127 bits, so a 7B model's
+projections take ~3.5 GB instead of 13 GB in bf16.
+
+We quantize with bitsandbytes itself (so weights interoperate with the HF stack) and do the compute here:
+`dequantize_nf4` is bit-exact with `bitsandbytes.functional.dequantize_4bit`, and `nf4_matmul` computes
+x @ W.T either by dequantizing one weight at a time in PyTorch (CPU, and any device) or with the fused
+Triton kernels in `triton_nf4.py` (CUDA), which never write the dense weight to memory.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# The 16 NF4 levels: quantiles of N(0, 1) normalised to [-1, 1], with an exact zero (QLoRA appendix E).
+NF4 = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+])
+
+# byte -> its two values (high nibble first): one gather per byte instead of shift, mask and two lookups.
+_PAIRS = torch.stack([NF4[torch.arange(256) >> 4], NF4[torch.arange(256) & 15]], dim=1)  # (256, 2)
+
+
+def _block_absmax(absmax: torch.Tensor, absmax2: torch.Tensor | None, code2: torch.Tensor | None,
+                  offset: torch.Tensor | None, blocksize2: int) -> torch.Tensor:
+    """fp32 absmax per 64-block, undoing the double quantization when the absmaxes are 8-bit."""
+    if absmax2 is None:
+        return absmax.float()
+    n = absmax.numel()
+    scale = absmax2.float().repeat_interleave(blocksize2)[:n]
+    return code2.float()[absmax.long()] * scale + offset.float()
+
+
+def _dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
+                blocksize: int = 64) -> torch.Tensor:
+    """Packed uint8 [n/2, ...] + fp32 absmax per block -> weight of `shape` in `dtype` (fp32 math)."""
+    n = shape.numel()
+    lut = _PAIRS.to(packed.device)
+    w = lut[packed.reshape(-1).long()].reshape(-1)[:n]  # (n,) fp32
+    full = n - n % blocksize
+    out = torch.empty(n, dtype=torch.float32, device=packed.device)
+    out[:full] = (w[:full].view(-1, blocksize) * absmax[: full // blocksize, None]).view(-1)
+    if full < n:  # a short last block
+        out[full:] = w[full:] * absmax[full // blocksize]
+    return out.view(shape).to(dtype)
+
+
+def dequantize_nf4(packed: torch.Tensor, quant_state) -> torch.Tensor:
+    """Bit-exact `bitsandbytes.functional.dequantize_4bit(packed, quant_state)` in plain PyTorch."""
+    s = quant_state
+    if s.quant_type != "nf4":
+        raise ValueError(f"dequantize_nf4: quant_type is {s.quant_type!r}, expected 'nf4'")
+    if s.nested:
+        absmax = _block_absmax(s.absmax, s.state2.absmax, s.state2.code, s.offset, s.state2.blocksize)
+    else:
+        absmax = s.absmax.float()
+    return _dequantize(packed, absmax, torch.Size(s.shape), s.dtype, s.blocksize)
+
+
+# ---------------------------------------------------------------------------------------------
+# x @ W.T with W in NF4. The weight is frozen: only x gets a gradient, and nothing dense is saved for
+# backward (the weight is dequantized again there, which costs far less memory than keeping it).
+
+
+class _NF4Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight_fn, backend):
+        ctx.weight_fn, ctx.backend = weight_fn, backend
+        return weight_fn.matmul(x, backend)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return ctx.weight_fn.matmul_t(grad_y, ctx.backend), None, None
+
+
+class _Weight:
+    """A frozen NF4 weight's tensors (no autograd state), with the two products autograd needs."""
+
+    def __init__(self, packed, absmax, absmax2, code2, offset, shape, blocksize, blocksize2, dtype):
+        self.packed, self.absmax, self.absmax2, self.code2, self.offset = packed, absmax, absmax2, code2, offset
+        self.shape, self.blocksize, self.blocksize2, self.dtype = torch.Size(shape), blocksize, blocksize2, dtype
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        absmax = _block_absmax(self.absmax, self.absmax2, self.code2, self.offset, self.blocksize2)
+        return _dequantize(self.packed, absmax, self.shape, dtype, self.blocksize)
+
+    def _use_triton(self, x: torch.Tensor, backend: str) -> bool:
+        if backend == "torch":
+            return False
+        if backend == "triton":
+            return True
+        if backend != "auto":
+            raise ValueError(f"nf4_matmul: backend {backend!r}, expected 'auto', 'torch' or 'triton'")
+        return x.is_cuda and _triton_available()
+
+    def matmul(self, x: torch.Tensor, backend: str) -> torch.Tensor:  # x @ W.T
+        if self._use_triton(x, backend):
+            from . import triton_nf4
+            return triton_nf4.nf4_gemm(x, self, transpose=False)
+        return x @ self.dense(x.dtype).t()
+
+    def matmul_t(self, g: torch.Tensor, backend: str) -> torch.Tensor:  # g @ W
+        if self._use_triton(g, backend):
+            from . import triton_nf4
+            return triton_nf4.nf4_gemm(g, self, transpose=True)
+        return g @ self.dense(g.dtype)
+
+
+def _triton_available() -> bool:
+    try:
+        from . import triton_nf4  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _weight_from_state(packed: torch.Tensor, s) -> _Weight:
+    nested = s.nested
+    return _Weight(packed, s.absmax, s.state2.absmax if nested else None, s.state2.code if nested else None,
+                   s.offset if nested else None, s.shape, s.blocksize, s.state2.blocksize if nested else 256, s.dtype)
+
+
+def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, quant_state, backend: str = "auto") -> torch.Tensor:
+    """x [..., K] @ W.T -> [..., N] for an NF4 weight W [N, K] (bitsandbytes' packed data + QuantState).
+    Differentiable in x; auto = the Triton kernels on CUDA, PyTorch elsewhere."""
+    return _NF4Matmul.apply(x, _weight_from_state(packed, quant_state), backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules.
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight is NF4: y = x @ dequant(W).T (+ b).
+
+    All of the format's tensors are buffers, so `.to(device)`, `state_dict()` and `load_state_dict()`
+    work as for any module; nothing here requires grad."""
+
+    def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype = torch.bfloat16,
+                 bias: bool = False, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.compute_dtype = in_features, out_features, compute_dtype
+        self.blocksize, self.blocksize2 = 64, 256
+        n = in_features * out_features
+        n_blocks = -(-n // self.blocksize)
+        self.register_buffer("packed", torch.zeros((n + 1) // 2, 1, dtype=torch.uint8, device=device))
+        self.register_buffer("absmax", torch.zeros(n_blocks, dtype=torch.uint8, device=device))
+        self.register_buffer("absmax2", torch.zeros(-(-n_blocks // self.blocksize2), device=device))
+        self.register_buffer("code2", torch.zeros(256, device=device))
+        self.register_buffer("offset", torch.zeros((), device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    compute_dtype: torch.dtype | None = None) -> "NF4Linear":
+        """Quantize with bitsandbytes (blocksize 64, double quantization), on the weight's device."""
+        import bitsandbytes.functional as bnbF
+        out_features, in_features = weight.shape
+        compute_dtype = compute_dtype or weight.dtype
+        m = cls(in_features, out_features, compute_dtype, bias is not None, device=weight.device)
+        packed, s = bnbF.quantize_4bit(weight.detach().to(compute_dtype).contiguous(), blocksize=64,
+                                       compress_statistics=True, quant_type="nf4")
+        with torch.no_grad():
+            m.packed.copy_(packed)
+            m.absmax.copy_(s.absmax)
+            m.absmax2.copy_(s.state2.absmax)
+            m.code2.copy_(s.state2.code)
+            m.offset.copy_(s.offset)
+            if bias is not None:
+                m.bias.copy_(bias)
+        return m
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype | None = None) -> "NF4Linear":
+        return cls.from_weight(linear.weight, linear.bias, compute_dtype)
+
+    def _weight(self) -> _Weight:
+        return _Weight(self.packed, self.absmax, self.absmax2, self.code2, self.offset,
+                       (self.out_features, self.in_features), self.blocksize, self.blocksize2, self.compute_dtype)
+
+    @property
+    def quant_state(self):
+        """The bitsandbytes QuantState of this weight (for calling bitsandbytes' own functions)."""
+        from bitsandbytes.functional import QuantState
+        state2 = QuantState(absmax=self.absmax2, code=self.code2, blocksize=self.blocksize2, dtype=torch.float32)
+        return QuantState(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
+                          code=NF4.to(self.packed.device), blocksize=self.blocksize, quant_type="nf4",
+                          dtype=self.compute_dtype, offset=self.offset, state2=state2)
+
+    def dequantize(self) -> torch.Tensor:
+        """The dense weight [out, in] in the compute dtype."""
+        return self._weight().dense(self.compute_dtype)
+
+    def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        y = _NF4Matmul.apply(x, self._weight(), backend)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nf4, compute={self.compute_dtype}"
+
+
+def quantize_model(model: nn.Module, skip: tuple[str, ...] = ("output", "tok_embeddings"),
+                   compute_dtype: torch.dtype | None = None) -> nn.Module:
+    """In place: every nn.Linear whose qualified name does not end in a `skip` entry becomes NF4Linear.
+    QLoRA keeps the output head (and the embeddings, which are not linears) in 16 bits."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is nn.Linear and not any(full == s or full.endswith("." + s) for s in skip):
+                setattr(module, child_name, NF4Linear.from_linear(child, compute_dtype))
+    return model
+
+
+def quantize_on_load(skip: tuple[str, ...] = ("output", "tok_embeddings"), compute_dtype: torch.dtype = torch.bfloat16):
+    """A hook for `llama.load_model(..., hook=...)`: each 2-D "<module>.weight" not in `skip` becomes an
+    NF4Linear as it streams off disk, so the dense model never exists in memory at once."""
+    def hook(name: str, tensor: torch.Tensor):
+        module = name.rsplit(".", 1)[0]
+        if not name.endswith(".weight") or tensor.ndim != 2 or any(module == s or module.endswith("." + s) for s in skip):
+            return tensor
+        return NF4Linear.from_weight(tensor, compute_dtype=compute_dtype)
+    return hook
