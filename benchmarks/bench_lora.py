@@ -4,12 +4,14 @@
 
 At Llama-2-7B shapes (4096 -> 4096: q/k/v/o, 4096 -> 11008: gate/up; r 16, alpha 32, dropout
 0.05, bf16 compute under autocast as the HF Trainer runs QLoRA) it times one step
-`y = layer(x); y.backward(dy)` for three layers built from the same dense weight:
+`y = layer(x); y.backward(dy)` for four layers built from the same dense weight:
 
-- ours:  lora.LoRALinear(quant.NF4Linear) -- the fused LoRA autograd Function;
-- plain: the same NF4 base + `s * F.linear(F.linear(F.dropout(x), A), B)` in plain autograd,
-         which isolates what the fused Function buys;
-- peft:  peft's LoRA on bitsandbytes.nn.Linear4bit (what transformers + peft + bnb run).
+- ours:      lora.LoRALinear on quant.NF4Linear -- our whole stack;
+- ours_bnb:  lora.LoRALinear on bitsandbytes.nn.Linear4bit -- our LoRA code on PEFT's base, so
+             that the comparison with peft isolates the LoRA layer from the NF4 kernel;
+- plain_bnb: `base(x) + s * F.linear(F.linear(F.dropout(x), A), B)` in plain autograd on the same
+             bnb base: what the fused autograd Function buys;
+- peft:      peft's LoRA on bitsandbytes.nn.Linear4bit (what transformers + peft + bnb run).
 
 Runs alternate between the three, after warm-up; the median of --reps is reported.
 
@@ -42,11 +44,11 @@ import lora  # noqa: E402
 import quant  # noqa: E402
 
 R, ALPHA, DROPOUT = 16, 32, 0.05
-IMPLS = ("ours", "plain", "peft")
+IMPLS = ("ours", "ours_bnb", "plain_bnb", "peft")
 
 
 class PlainLoRA(nn.Module):
-    """The textbook composition in plain autograd over the same NF4 base."""
+    """The textbook composition in plain autograd: base(x) + s * B(A(dropout(x)))."""
 
     def __init__(self, base: nn.Module, A: torch.Tensor, B: torch.Tensor):
         super().__init__()
@@ -56,22 +58,31 @@ class PlainLoRA(nn.Module):
         return self.base(x) + (ALPHA / R) * F.linear(F.linear(F.dropout(x, DROPOUT, self.training), self.A), self.B)
 
 
+def bnb_linear4bit(dense: nn.Linear, device: str, dtype: torch.dtype) -> nn.Module:
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=False, compute_dtype=dtype, quant_type="nf4",
+                          compress_statistics=True)
+    q.weight = bnb.nn.Params4bit(dense.weight.data.cpu(), requires_grad=False, quant_type="nf4",
+                                 compress_statistics=True)
+    return q.to(device)  # quantizes
+
+
 def build(impl: str, n_in: int, n_out: int, device: str, dtype: torch.dtype) -> nn.Module:
     torch.manual_seed(0)
     dense = nn.Linear(n_in, n_out, bias=False, device=device, dtype=dtype)
-    if impl in ("ours", "plain"):
-        base = quant.NF4Linear.from_linear(dense)
-        layer = lora.LoRALinear(base, R, ALPHA, DROPOUT)
-        if impl == "plain":
-            layer = PlainLoRA(base, layer.lora_A.detach(), layer.lora_B.detach())
+    if impl == "ours":
+        layer = lora.LoRALinear(quant.NF4Linear.from_linear(dense), R, ALPHA, DROPOUT)
+    elif impl == "ours_bnb":  # LoRALinear duck-types over bitsandbytes' layer too
+        layer = lora.LoRALinear(bnb_linear4bit(dense, device, dtype), R, ALPHA, DROPOUT)
+    elif impl == "plain_bnb":
+        A = torch.empty(R, n_in, device=device)
+        nn.init.kaiming_uniform_(A, a=5**0.5)
+        layer = PlainLoRA(bnb_linear4bit(dense, device, dtype), A, torch.zeros(n_out, R, device=device))
     else:
-        import bitsandbytes as bnb
         from peft import LoraConfig, get_peft_model
 
-        q = bnb.nn.Linear4bit(n_in, n_out, bias=False, compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
-        q.weight = bnb.nn.Params4bit(dense.weight.data.cpu(), requires_grad=False, quant_type="nf4",
-                                     compress_statistics=True)
-        q = q.to(device)  # quantizes
+        q = bnb_linear4bit(dense, device, dtype)
 
         class Wrapper(nn.Module):
             is_loaded_in_4bit = True  # makes peft dispatch its bnb Linear4bit LoRA layer
@@ -202,11 +213,13 @@ def main(argv: list[str] | None = None) -> dict:
             if not args.no_peak:
                 for impl in IMPLS:
                     row[f"{impl}_peak_bytes"] = peak_bytes(impl, n_in, n_out, tokens, args.device)
-            row["speedup_vs_peft"] = row["peft_ms"] / row["ours_ms"]
-            row["speedup_vs_plain"] = row["plain_ms"] / row["ours_ms"]
-            row["saved_ratio_vs_peft"] = row["ours_saved_bytes"] / row["peft_saved_bytes"]
-            if not args.no_peak:
-                row["peak_ratio_vs_peft"] = row["ours_peak_bytes"] / row["peft_peak_bytes"]
+            row["speedup_vs_peft"] = row["peft_ms"] / row["ours_ms"]  # whole stack: our LoRA + our NF4
+            row["speedup_vs_peft_same_base"] = row["peft_ms"] / row["ours_bnb_ms"]  # LoRA code alone
+            row["speedup_fused_vs_plain"] = row["plain_bnb_ms"] / row["ours_bnb_ms"]
+            for impl in ("ours", "ours_bnb"):
+                row[f"{impl}_saved_ratio_vs_peft"] = row[f"{impl}_saved_bytes"] / row["peft_saved_bytes"]
+                if not args.no_peak:
+                    row[f"{impl}_peak_ratio_vs_peft"] = row[f"{impl}_peak_bytes"] / row["peft_peak_bytes"]
             rows.append(row)
             print_row(row, header=len(rows) == 1)
     result = {"device": args.device, "device_name": device_name(args.device), "dtype": "bf16 (autocast)",
@@ -229,15 +242,18 @@ def device_name(device: str) -> str:
 
 
 def print_row(row: dict, header: bool) -> None:
-    mb = lambda b: f"{b / 2**20:.0f}" if b is not None else "-"  # noqa: E731
+    mib = lambda key: f"{row[key] / 2**20:.0f}" if key in row else "-"  # noqa: E731
     if header:
-        print(f"{'shape':>10} {'tokens':>6} | {'ours ms':>8} {'plain ms':>8} {'peft ms':>8} {'x peft':>6} | "
-              f"{'saved MiB ours/plain/peft':>26} | {'peak MiB ours/plain/peft':>25} {'peak ratio':>10}")
-    saved = "/".join(mb(row[f"{i}_saved_bytes"]) for i in IMPLS)
-    peak = "/".join(mb(row.get(f"{i}_peak_bytes")) for i in IMPLS)
-    ratio = f"{row['peak_ratio_vs_peft']:.2f}" if "peak_ratio_vs_peft" in row else "-"
-    print(f"{row['shape']:>10} {row['tokens']:>6} | {row['ours_ms']:8.1f} {row['plain_ms']:8.1f} {row['peft_ms']:8.1f} "
-          f"{row['speedup_vs_peft']:5.2f}x | {saved:>26} | {peak:>25} {ratio:>10}", flush=True)
+        print("ms and MiB per step; ours = LoRALinear on quant.NF4Linear, ours_bnb / plain_bnb = LoRALinear / "
+              "plain-autograd LoRA on bnb Linear4bit, peft = peft on bnb Linear4bit")
+        print(f"{'shape':>10} {'tokens':>6} | {'ours':>7} {'ours_bnb':>8} {'plain_bnb':>9} {'peft':>7} | "
+              f"{'x peft':>6} {'x peft same base':>16} | {'saved ours/ours_bnb/plain_bnb/peft':>34} | "
+              f"{'peak ours/ours_bnb/plain_bnb/peft':>33}")
+    ms = " ".join(f"{row[f'{i}_ms']:{w}.1f}" for i, w in zip(IMPLS, (7, 8, 9, 7)))
+    saved = "/".join(mib(f"{i}_saved_bytes") for i in IMPLS)
+    peak = "/".join(mib(f"{i}_peak_bytes") for i in IMPLS)
+    print(f"{row['shape']:>10} {row['tokens']:>6} | {ms} | {row['speedup_vs_peft']:5.2f}x "
+          f"{row['speedup_vs_peft_same_base']:15.2f}x | {saved:>34} | {peak:>33}", flush=True)
 
 
 if __name__ == "__main__":
