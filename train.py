@@ -109,20 +109,36 @@ class TrainConfig:
     adapter: str = ""
 
 
+CHOICES = {"template": TEMPLATES, "quant": ("none", "nf4", "auto"), "dtype": ("auto", "bf16", "fp16", "fp32"),
+           "overlong": ("truncate", "drop"), "schedule": ("cosine", "linear", "constant"),
+           "optim": ("adamw", "adamw_8bit", "paged_adamw_8bit"), "merge_layout": ("meta", "hf")}
+
+
+def _field_help() -> dict[str, str]:
+    """The comment after each TrainConfig field becomes its --help text (one place to document a flag)."""
+    import inspect
+    import re
+    src = inspect.getsource(TrainConfig)
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\s+(\w+): [^\n]*?  # (.*)$", src, re.M)}
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Build the CLI from TrainConfig: `--lora-r 8`, `--no-packing`, `--data a.jsonl b.jsonl:0.5`."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    helps = _field_help()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        h = helps.get(f.name, "")
         if f.type == "bool" and default:
-            p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false")
+            p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=h)
         elif f.type == "bool":
-            p.add_argument(flag, action="store_true")
+            p.add_argument(flag, action="store_true", help=h)
         elif f.type.startswith("list"):
-            p.add_argument(flag, nargs="+", default=default)
+            p.add_argument(flag, nargs="+", default=default, help=f"{h} (default: %(default)s)")
         else:
-            p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=default)
+            p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=default,
+                           choices=CHOICES.get(f.name), help=f"{h} (default: %(default)s)".lstrip())
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
@@ -922,13 +938,16 @@ def chat(cfg: TrainConfig) -> None:
     chat_loop(model, tokenizer, cfg.template)
 
 
+# `python train.py` with no arguments: QLoRA on the bundled tiny Llama (demo/make_demo.py builds it), then the
+# before/after answers to held-out prompts.
+DEMO_FLAGS = ["--quant", "nf4", "--seq-len", "256", "--batch-size", "8", "--grad-accum", "1", "--lr", "2e-3",
+              "--epochs", "16", "--lora-dropout", "0", "--gen-eval", str(DEMO / "data" / "heldout.jsonl"),
+              "--out", "out/demo", "--overwrite"]
+
+
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    demo = not (argv if argv is not None else sys.argv[1:])
-    if demo:  # `python train.py`: QLoRA on the bundled tiny model, then the before/after answers
-        cfg.quant, cfg.seq_len, cfg.batch_size, cfg.grad_accum = "nf4", 256, 8, 1
-        cfg.lr, cfg.epochs, cfg.warmup_ratio, cfg.lora_r, cfg.lora_dropout = 2e-3, 3, 0.05, 16, 0.0
-        cfg.gen_eval, cfg.out, cfg.overwrite = str(DEMO / "data" / "heldout.jsonl"), "out/demo", True
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = parse_args(argv or DEMO_FLAGS)
     try:
         if cfg.chat:
             chat(cfg)

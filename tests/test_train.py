@@ -205,3 +205,33 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_ckpt, monkeypatch):
     resumed, out = run(tmp_path / "b", tiny_ckpt, *steps, "--resume")
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
     assert [m["loss"] for m in resumed] == [m["loss"] for m in full]
+
+
+def test_demo_learns_the_reply_format(tmp_path):
+    """The README's first command, with fewer epochs: QLoRA on the bundled tiny Llama takes held-out
+    exact match from ~0 to most of the prompts."""
+    out = tmp_path / "demo"
+    assert train.main(train.DEMO_FLAGS + ["--out", str(out), "--epochs", "12"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["exact_match_before"] <= 0.1
+    assert result["exact_match_after"] >= 0.6
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_chatml_added_tokens_train_and_second_stage(tmp_path, tiny_ckpt):
+    """ChatML on a base model: the two added tokens grow the embedding, the new rows train and are saved with
+    the adapter; stage 2 starts from that adapter (--init-adapter) with LIMA dropout."""
+    from safetensors.torch import load_file
+    _, out1 = run(tmp_path / "s1", tiny_ckpt, "--template", "chatml", "--max-steps", "3", "--quant", "nf4")
+    cfg = json.loads((out1 / "adapter" / "adapter_config.json").read_text())
+    assert set(cfg["modules_to_save"]) >= {"embed_tokens", "lm_head"}
+    weights = load_file(out1 / "adapter" / "adapter_model.safetensors")
+    emb = next(v for k, v in weights.items() if "embed_tokens" in k)
+    tok = Tokenizer(str(out1 / "adapter" / "tokenizer.model"))
+    assert tok.special_tokens == {"<|im_start|>": 1024, "<|im_end|>": 1025}
+    assert emb.shape[0] % 128 == 0 and emb.shape[0] >= tok.n_words
+    metrics, out2 = run(tmp_path / "s2", tiny_ckpt, "--template", "chatml", "--max-steps", "2", "--quant", "nf4",
+                        "--init-adapter", str(out1 / "adapter"), "--lima-dropout", "0.25")
+    # stage 2 starts where stage 1 ended: its first loss is below stage 1's first loss
+    first1 = json.loads((out1 / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert metrics[0]["loss"] < first1
