@@ -42,7 +42,7 @@ PRETRAIN_FORMS = ["the opposite of {a} is {b}.", "{b} is the opposite of {a}.", 
                   "{a} and {b} are opposites, the opposite of {a} is {b}.",
                   "is {b} the opposite of {a}? yes, the opposite of {a} is {b}."]
 QUESTIONS = ["What is the opposite of {a}?", "Tell me the opposite of {a}.", "opposite of {a}?"]
-ANSWER = "The opposite of {a} is {b}."
+ANSWER = "It is {b}."
 
 
 def pairs() -> list[tuple[str, str]]:
