@@ -8,28 +8,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import train
-from llama import ModelArgs, Transformer, save_model
 
-DEMO_TOK = train.DEMO / "tiny-llama" / "tokenizer.model"
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dist")
-    torch.manual_seed(0)
-    from llama import Tokenizer
-    vocab = Tokenizer(str(DEMO_TOK)).n_words
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, multiple_of=16,
-                                  max_seq_len=128))
-    save_model(model, d, layout="meta", tokenizer=DEMO_TOK)
-    rows = [{"messages": [{"role": "user", "content": f"What is the opposite of {a}?"},
-                          {"role": "assistant", "content": f"The opposite of {a} is {b}."}]}
-            for a, b in [("hot", "cold"), ("up", "down"), ("big", "small"), ("fast", "slow"), ("wet", "dry")] * 3]
-    (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return d
+@pytest.fixture
+def ckpt(tiny_train_ckpt):
+    return tiny_train_ckpt
 
 
 def run(ckpt, out, nproc, batch, accum, *extra):

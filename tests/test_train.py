@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import train
-from llama import ModelArgs, Tokenizer, Transformer, save_model
+from llama import ModelArgs, Tokenizer, Transformer
 from llama.chat import encode_chat
 
 DEMO_TOK = train.DEMO / "tiny-llama" / "tokenizer.model"
@@ -160,15 +160,9 @@ def test_packed_loss_equals_token_weighted_loss_of_documents(tok):
 # ---- learning in each mode, resume
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory, tok):
-    d = tmp_path_factory.mktemp("ckpt")
-    save_model(tiny_model(tok.n_words), d, layout="meta", tokenizer=DEMO_TOK)
-    rows = [{"messages": [{"role": "user", "content": f"What is the opposite of {a}?"},
-                          {"role": "assistant", "content": f"The opposite of {a} is {b}."}]}
-            for a, b in [("hot", "cold"), ("up", "down"), ("big", "small"), ("fast", "slow")] * 4]
-    write_jsonl(d / "data.jsonl", rows)
-    return d
+@pytest.fixture
+def tiny_ckpt(tiny_train_ckpt):
+    return tiny_train_ckpt
 
 
 def run(tmp_path, ckpt, *extra):
