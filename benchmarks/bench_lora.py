@@ -13,7 +13,7 @@ At Llama-2-7B shapes (4096 -> 4096: q/k/v/o, 4096 -> 11008: gate/up; r 16, alpha
              bnb base: what the fused autograd Function buys;
 - peft:      peft's LoRA on bitsandbytes.nn.Linear4bit (what transformers + peft + bnb run).
 
-Runs alternate between the three, after warm-up; the median of --reps is reported.
+Runs alternate between the four, after warm-up; the median of --reps is reported.
 
 Memory, two measures per layer:
 - saved: bytes autograd keeps for the backward (torch.autograd.graph.saved_tensors_hooks), over
