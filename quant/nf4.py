@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 # The 16 NF4 levels: quantiles of N(0, 1) normalised to [-1, 1], with an exact zero (QLoRA appendix E).
 NF4 = torch.tensor([
@@ -51,8 +52,8 @@ def _dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size, d
                 blocksize: int = 64) -> torch.Tensor:
     """Packed uint8 [n/2, ...] + fp32 absmax per block -> weight of `shape` in `dtype` (fp32 math)."""
     n = shape.numel()
-    lut = _PAIRS.to(packed.device)
-    w = lut[packed.reshape(-1).long()].reshape(-1)[:n]  # (n,) fp32
+    # embedding() takes int32 indices: cheaper than the int64 copy plain indexing needs
+    w = F.embedding(packed.reshape(-1).int(), _PAIRS.to(packed.device)).view(-1)[:n]  # (n,) fp32
     full = n - n % blocksize
     out = torch.empty(n, dtype=torch.float32, device=packed.device)
     out[:full] = (w[:full].view(-1, blocksize) * absmax[: full // blocksize, None]).view(-1)
@@ -98,6 +99,12 @@ class _Weight:
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
         absmax = _block_absmax(self.absmax, self.absmax2, self.code2, self.offset, self.blocksize2)
+        if self.packed.device.type == "cpu" and self.shape[-1] % self.blocksize == 0:
+            # Same numbers, faster: on CPU bitsandbytes' C++ kernel beats every PyTorch formulation we tried
+            # (4096x4096: 52 ms vs 190 ms for the table lookup above). Its output is bit-identical to
+            # _dequantize (tests/test_nf4.py); it is only wrong when rows split blocks, hence the guard.
+            return torch.ops.bitsandbytes.dequantize_4bit.default(
+                self.packed, absmax, self.blocksize, "nf4", self.shape, dtype)
         return _dequantize(self.packed, absmax, self.shape, dtype, self.blocksize)
 
     def _use_triton(self, x: torch.Tensor, backend: str) -> bool:
