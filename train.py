@@ -264,6 +264,17 @@ def load_data(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[list, list, dict]
         kept = s["accepted"] + s["val"]
         s["mean_tokens"] = round(s["tokens"] / kept, 1) if kept else 0
         stats["files"][str(path)] = s
+    files = list(stats["files"].values())
+    total = {k: sum(f[k] for f in files) for k in ("rows", "accepted", "val", "truncated", "tokens", "trained_tokens")}
+    total["skipped"] = {}
+    for f in files:
+        for why, n in f["skipped"].items():
+            total["skipped"][why] = total["skipped"].get(why, 0) + n
+    lens = [f["min_tokens"] for f in files if f["min_tokens"] is not None]
+    total["min_tokens"], total["max_tokens"] = (min(lens) if lens else None), max(f["max_tokens"] for f in files)
+    kept = total["accepted"] + total["val"]
+    total["mean_tokens"] = round(total["tokens"] / kept, 1) if kept else 0
+    stats["total"] = total
     if not train:
         raise UserError(f"no training samples left after filtering ({json.dumps(stats['files'])})")
     return train, val, stats
@@ -874,7 +885,7 @@ def tok_file(cfg: TrainConfig) -> str | None:
 def print_stats(stats: dict) -> None:
     print(f"{'data file':<40} {'rows':>7} {'train':>7} {'val':>6} {'skipped':>8} {'trunc':>6} "
           f"{'tokens':>9} {'min':>5} {'max':>5} {'mean':>7}")
-    for path, s in stats["files"].items():
+    for path, s in [*stats["files"].items(), ("total", stats["total"])]:
         skipped = sum(s["skipped"].values())
         print(f"{path[-40:]:<40} {s['rows']:>7} {s['accepted']:>7} {s['val']:>6} {skipped:>8} {s['truncated']:>6} "
               f"{s['tokens']:>9} {s['min_tokens'] or 0:>5} {s['max_tokens']:>5} {s['mean_tokens']:>7}")

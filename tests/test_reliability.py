@@ -56,6 +56,12 @@ def bad_inputs(ckpt: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
     p = json.loads((ckpt / "params.json").read_text())
     p["dim"] = 96  # disagrees with the weights
     (badparams / "params.json").write_text(json.dumps(p))
+    vocab = tmp / "vocab"  # the tokenizer has 300 more tokens than the embedding has rows
+    vocab.mkdir()
+    for f in ckpt.iterdir():
+        if f.name != "data.jsonl":
+            (vocab / f.name).write_bytes(f.read_bytes())
+    (vocab / "added_tokens.json").write_text(json.dumps({f"<extra_{i}>": 1024 + i for i in range(300)}))
     data = tmp / "d.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{oops\n')
     empty = tmp / "empty.jsonl"
@@ -71,6 +77,7 @@ def bad_inputs(ckpt: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "missing params.json": (base(noparams), "params.json"),
         "shape disagrees": (base(badparams), "tok_embeddings.weight has shape (1024, 64), but the config implies (1024, 96)"),
         "missing folder": (base(tmp / "nope"), "nope"),
+        "tokenizer disagrees with embedding": (base(vocab), "has 1324 tokens, but the checkpoint in"),
         "bad json line": (base(ckpt, data), "d.jsonl:2"),
         "empty data": (base(ckpt, empty), "no training samples"),
         "unknown role": (base(ckpt, role), "role.jsonl:1: message 0 has role 'wizard'"),
