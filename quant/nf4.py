@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 # The 16 NF4 levels: quantiles of N(0, 1) normalised to [-1, 1], with an exact zero (QLoRA appendix E).
 NF4 = torch.tensor([
@@ -34,8 +33,15 @@ NF4 = torch.tensor([
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 ])
 
-# byte -> its two values (high nibble first): one gather per byte instead of shift, mask and two lookups.
-_PAIRS = torch.stack([NF4[torch.arange(256) >> 4], NF4[torch.arange(256) & 15]], dim=1)  # (256, 2)
+# byte -> its two values (high nibble first), the pair's 8 bytes viewed as one int64 (moved as bits, never
+# as a float): one lookup per byte.
+_PAIRS = torch.stack([NF4[torch.arange(256) >> 4], NF4[torch.arange(256) & 15]], dim=1)  # (256, 2) fp32
+_PAIRS64 = _PAIRS.view(torch.int64).view(-1)                                          # (256,)
+
+# Blocks per slice when dequantizing on CPU: 8192 blocks = 512K values, 2 MB of fp32, so the lookup's and
+# the multiply's intermediates stay in cache and only the result goes to memory (2-4x faster than one pass
+# over the whole weight per op). GPUs take the whole weight in one launch per op.
+_CPU_SLICE_BLOCKS = 8192
 
 
 def _block_absmax(absmax: torch.Tensor, absmax2: torch.Tensor | None, code2: torch.Tensor | None,
@@ -50,16 +56,28 @@ def _block_absmax(absmax: torch.Tensor, absmax2: torch.Tensor | None, code2: tor
 
 def _dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
                 blocksize: int = 64) -> torch.Tensor:
-    """Packed uint8 [n/2, ...] + fp32 absmax per block -> weight of `shape` in `dtype` (fp32 math)."""
+    """Packed uint8 [(n+1)/2, ...] + fp32 absmax per block -> weight of `shape` in `dtype`.
+
+    w[i] = NF4[code(i)] * absmax[i // blocksize], the product in fp32 and rounded once to `dtype`, as
+    bitsandbytes does. Blocks run over the flattened weight; the last one may be short."""
     n = shape.numel()
-    # embedding() takes int32 indices: cheaper than the int64 copy plain indexing needs
-    w = F.embedding(packed.reshape(-1).int(), _PAIRS.to(packed.device)).view(-1)[:n]  # (n,) fp32
-    full = n - n % blocksize
-    out = torch.empty(n, dtype=torch.float32, device=packed.device)
-    out[:full] = (w[:full].view(-1, blocksize) * absmax[: full // blocksize, None]).view(-1)
-    if full < n:  # a short last block
-        out[full:] = w[full:] * absmax[full // blocksize]
-    return out.view(shape).to(dtype)
+    data = packed.reshape(-1)
+    table = _PAIRS64.to(packed.device)
+    out = torch.empty(n, dtype=dtype, device=packed.device)
+    n_full = n // blocksize                                   # whole blocks
+    step = _CPU_SLICE_BLOCKS if packed.device.type == "cpu" else max(n_full, 1)
+    half = blocksize // 2                                     # bytes per block
+    for b0 in range(0, n_full, step):
+        b1 = min(n_full, b0 + step)
+        # embedding-style lookup: int32 indices, one 8-byte element (two fp32 values) per byte
+        pairs = table.index_select(0, data[b0 * half: b1 * half].int())            # (bytes,) int64
+        values = pairs.view(torch.float32).view(b1 - b0, blocksize)                 # (blocks, 64) fp32
+        # the product is fp32 and written straight into `dtype`: one rounding, no fp32 copy of the weight
+        torch.mul(values, absmax[b0:b1, None], out=out[b0 * blocksize: b1 * blocksize].view(b1 - b0, blocksize))
+    if n_full * blocksize < n:  # the short last block (with odd n, its last byte's low nibble is padding)
+        tail = table.index_select(0, data[n_full * half:].int()).view(torch.float32)
+        out[n_full * blocksize:] = tail[: n - n_full * blocksize] * absmax[n_full]
+    return out.view(shape)
 
 
 def dequantize_nf4(packed: torch.Tensor, quant_state) -> torch.Tensor:
@@ -90,6 +108,10 @@ class _NF4Matmul(torch.autograd.Function):
         return ctx.weight_fn.matmul_t(grad_y, ctx.backend), None, None
 
 
+_SLICED_MAX_M = 16      # CPU: up to this many rows of x, the products go slice by slice through W (see matmul)
+_SLICE_VALUES = 1 << 20  # weights per slice: 4 MB in fp32, so a dequantized slice stays in cache
+
+
 class _Weight:
     """A frozen NF4 weight's tensors (no autograd state), with the two products autograd needs."""
 
@@ -97,15 +119,33 @@ class _Weight:
         self.packed, self.absmax, self.absmax2, self.code2, self.offset = packed, absmax, absmax2, code2, offset
         self.shape, self.blocksize, self.blocksize2, self.dtype = torch.Size(shape), blocksize, blocksize2, dtype
 
+    def scales(self) -> torch.Tensor:
+        """fp32 absmax of every block."""
+        return _block_absmax(self.absmax, self.absmax2, self.code2, self.offset, self.blocksize2)
+
+    def rows(self, scales: torch.Tensor, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        """W[r0:r1] in `dtype` (bit-exact dequantization). Row r0 must start a block: r0 * K % 64 == 0."""
+        K = self.shape[1]
+        i0, i1 = r0 * K, r1 * K                                   # the rows' range of the flattened weight
+        assert i0 % self.blocksize == 0, (r0, K)
+        packed = self.packed.reshape(-1)[i0 // 2: (i1 + 1) // 2]
+        scales = scales[i0 // self.blocksize: -(-i1 // self.blocksize)]
+        shape = torch.Size((r1 - r0, K))
+        if packed.device.type == "cpu" and K % self.blocksize == 0:
+            # Same numbers, faster: on CPU bitsandbytes' C++ kernel (one vectorized pass) beats our three
+            # PyTorch ops per slice by 1.2-5x. Its output is bit-identical to _dequantize (tests/test_nf4.py);
+            # it is only wrong when rows split blocks (K % 64 != 0), hence the guard.
+            return torch.ops.bitsandbytes.dequantize_4bit.default(packed, scales, self.blocksize, "nf4", shape, dtype)
+        return _dequantize(packed, scales, shape, dtype, self.blocksize)
+
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
-        absmax = _block_absmax(self.absmax, self.absmax2, self.code2, self.offset, self.blocksize2)
-        if self.packed.device.type == "cpu" and self.shape[-1] % self.blocksize == 0:
-            # Same numbers, faster: on CPU bitsandbytes' C++ kernel beats every PyTorch formulation we tried
-            # (4096x4096: 52 ms vs 190 ms for the table lookup above). Its output is bit-identical to
-            # _dequantize (tests/test_nf4.py); it is only wrong when rows split blocks, hence the guard.
-            return torch.ops.bitsandbytes.dequantize_4bit.default(
-                self.packed, absmax, self.blocksize, "nf4", self.shape, dtype)
-        return _dequantize(self.packed, absmax, self.shape, dtype, self.blocksize)
+        return self.rows(self.scales(), 0, self.shape[0], dtype)
+
+    def row_slices(self) -> list[tuple[int, int]]:
+        """Row ranges of about _SLICE_VALUES weights, each starting a block."""
+        N, K = self.shape
+        rows = max(64, _SLICE_VALUES // K // 64 * 64)             # a multiple of 64: r0 * K % 64 == 0
+        return [(r0, min(N, r0 + rows)) for r0 in range(0, N, rows)]
 
     def _use_triton(self, x: torch.Tensor, backend: str) -> bool:
         if backend == "torch":
@@ -116,17 +156,42 @@ class _Weight:
             raise ValueError(f"nf4_matmul: backend {backend!r}, expected 'auto', 'torch' or 'triton'")
         return x.is_cuda and _triton_available()
 
-    def matmul(self, x: torch.Tensor, backend: str) -> torch.Tensor:  # x @ W.T
+    # On CPU, for decode-sized M (<= 16 rows), the products walk W slice by slice: each slice is dequantized
+    # into cache and used at once, so the dense weight never goes through memory. That traffic is the whole
+    # cost of a GEMV: bitsandbytes' dequantize + matmul writes and reads 64 MB of fp32 for a 4096x4096
+    # weight, 4-8x slower at M = 1 (benchmarks/bench_nf4.py). For training-sized M the GEMM dwarfs the
+    # dequantization: the whole weight, then one matmul. On GPUs without Triton (backend="torch"): the
+    # whole weight, one launch per op.
+
+    def matmul(self, x: torch.Tensor, backend: str) -> torch.Tensor:  # x [..., K] @ W.T -> [..., N]
         if self._use_triton(x, backend):
             from . import triton_nf4
             return triton_nf4.nf4_gemm(x, self, transpose=False)
-        return x @ self.dense(x.dtype).t()
+        N, K = self.shape
+        a = x.reshape(-1, K)                                      # (M, K)
+        if x.device.type != "cpu" or a.shape[0] > _SLICED_MAX_M:
+            return x @ self.dense(x.dtype).t()
+        scales = self.scales()
+        y_t = torch.empty(N, a.shape[0], dtype=x.dtype)           # y.T: each slice's outputs are contiguous rows
+        for r0, r1 in self.row_slices():                          # y[:, r0:r1] = x @ W[r0:r1].T
+            torch.mm(self.rows(scales, r0, r1, x.dtype), a.t(), out=y_t[r0:r1])
+        return y_t.t().contiguous().view(*x.shape[:-1], N)
 
-    def matmul_t(self, g: torch.Tensor, backend: str) -> torch.Tensor:  # g @ W
+    def matmul_t(self, g: torch.Tensor, backend: str) -> torch.Tensor:  # g [..., N] @ W -> [..., K]
         if self._use_triton(g, backend):
             from . import triton_nf4
             return triton_nf4.nf4_gemm(g, self, transpose=True)
-        return g @ self.dense(g.dtype)
+        N, K = self.shape
+        b = g.reshape(-1, N)                                      # (M, N)
+        if g.device.type != "cpu" or b.shape[0] > _SLICED_MAX_M:
+            return g @ self.dense(g.dtype)
+        # slices of W split the sum over N: the partial products add up in fp32 (W rounded to g's dtype
+        # first, as in g @ W_dense)
+        scales = self.scales()
+        acc = torch.zeros(b.shape[0], K, dtype=torch.float32)
+        for r0, r1 in self.row_slices():
+            acc.addmm_(b[:, r0:r1].float(), self.rows(scales, r0, r1, g.dtype).float())
+        return acc.to(g.dtype).view(*g.shape[:-1], K)
 
 
 def _triton_available() -> bool:

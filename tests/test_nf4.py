@@ -56,13 +56,36 @@ def test_bitsandbytes_cpu_kernel_differs_when_rows_split_blocks():
     assert (quant.dequantize_nf4(packed, s) - w).abs().max() < 0.6 < (bnbF.dequantize_4bit(packed, s) - w).abs().max()
 
 
-@pytest.mark.parametrize("M", [1, 3, 17])
-@pytest.mark.parametrize("shape", [(64, 128), (96, 200)])
-def test_nf4_matmul_forward_and_grad(M, shape):
+def bnb_dense(packed, s, dtype=torch.float32):
+    """W from bitsandbytes' generic dequantization and its own absmax decode (its CPU kernel is wrong for even
+    K % 64 != 0, see above)."""
+    absmax = (bnbF.dequantize_blockwise(s.absmax, s.state2) + s.offset) if s.nested else s.absmax
+    return _dequantize_4bit_compute(packed.reshape(-1), absmax.float(), s.code, 64, s.shape, dtype)
+
+
+@pytest.mark.parametrize("shape", [(33, 100), (128, 96), (7, 13), (130, 64)])
+def test_dequantize_bit_exact_across_cpu_slices(shape, monkeypatch):
+    """The CPU lookup goes slice by slice (8192 blocks each); with slices of 1 and 3 blocks every boundary
+    case (a slice ending mid-row, the short last block) shows up on small weights."""
     torch.manual_seed(0)
-    w = torch.randn(*shape)
-    packed, s = quantize(w)
-    dense = bnbF.dequantize_4bit(packed, s) if shape[1] % 64 == 0 else quant.dequantize_nf4(packed, s)
+    packed, s = quantize(torch.randn(*shape).to(torch.bfloat16))
+    for blocks in (1, 3):
+        monkeypatch.setattr(quant.nf4, "_CPU_SLICE_BLOCKS", blocks)
+        assert torch.equal(quant.dequantize_nf4(packed, s), bnb_dense(packed, s, torch.bfloat16))
+
+
+@pytest.mark.parametrize("sliced", [False, True])
+@pytest.mark.parametrize("M", [1, 3, 17])
+@pytest.mark.parametrize("shape", [(64, 128), (96, 200), (150, 128), (150, 200), (130, 7)])
+def test_nf4_matmul_forward_and_grad(M, shape, sliced, monkeypatch):
+    """backend="torch" against autograd through x @ W.T with W dequantized by bitsandbytes. On CPU, M <= 16
+    goes slice by slice through W (64-row slices here: 2-3 per weight, K % 64 != 0 and odd K included);
+    M = 17 takes the dense path."""
+    if sliced:
+        monkeypatch.setattr(quant.nf4, "_SLICE_VALUES", 64)
+    torch.manual_seed(0)
+    packed, s = quantize(torch.randn(*shape))
+    dense = bnb_dense(packed, s)
     x = torch.randn(M, shape[1], requires_grad=True)
     y = quant.nf4_matmul(x, packed, s, backend="torch")
     x_ref = x.detach().clone().requires_grad_()
@@ -72,6 +95,28 @@ def test_nf4_matmul_forward_and_grad(M, shape):
     y.backward(g)
     y_ref.backward(g)
     assert (x.grad - x_ref.grad).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [1, 5, 17])
+def test_nf4_matmul_half_precision(M, dtype, monkeypatch):
+    """16-bit activations: the weight is rounded to x's dtype (bit-exactly bitsandbytes' dequantize_4bit in
+    that dtype) and the products accumulate in fp32, so the result is within one rounding of the fp32
+    product of the same 16-bit operands."""
+    monkeypatch.setattr(quant.nf4, "_SLICE_VALUES", 64)
+    torch.manual_seed(0)
+    packed, s = quantize(torch.randn(150, 128))
+    W = bnb_dense(packed, s, dtype).float()
+    x = torch.randn(2, M, 128).to(dtype).requires_grad_()
+    y = quant.nf4_matmul(x, packed, s, backend="torch")
+    assert y.dtype == dtype and y.shape == (2, M, 150)
+    ref = x.detach().float() @ W.t()
+    eps = torch.finfo(dtype).eps
+    assert ((y.float() - ref).abs() <= eps * ref.abs() + 1e-5 * (x.detach().float().abs() @ W.abs().t())).all()
+    g = torch.randn_like(y)
+    y.backward(g)
+    gref = g.float() @ W
+    assert ((x.grad.float() - gref).abs() <= eps * gref.abs() + 1e-5 * (g.float().abs() @ W.abs())).all()
 
 
 def test_nf4_matmul_saves_no_dense_weight():
