@@ -293,12 +293,23 @@ GEMV_CONFIGS = [
     triton.Config({"BLOCK_C": 64, "BLOCK_R": 256, "GROUP_M": 1}, num_warps=8, num_stages=3),
 ]
 
+# K % 64 != 0 (no Llama shape, but any weight may come in): every value's byte and absmax are gathered one by
+# one, and the software pipeliner stages those per-value gathers in shared memory too: 256-475 KB for the
+# GEMM configs above at 3-4 stages, more than any GPU has (Triton 3.9, compiled for sm_80 and sm_90). One
+# or two stages fit: 33-82 KB for the GEMM tiles below, 12-25 KB for the 16-row GEMV (bf16 .. fp32).
+GEMM_CONFIGS_ANY_K = [_cfg(64, 64, 64, 4, 2), _cfg(128, 128, 64, 8, 1), _cfg(32, 64, 64, 4, 2)]
+GEMV_CONFIGS_ANY_K = [
+    triton.Config({"BLOCK_C": 32, "BLOCK_R": 128, "GROUP_M": 1}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_C": 64, "BLOCK_R": 128, "GROUP_M": 1}, num_warps=4, num_stages=1),
+]
+
 if INTERPRET:
     # The interpreter runs every program in numpy: one small config each (and so no autotuning). Chosen to
     # exercise every branch of _dequant_tile's ALIGNED path: 64-wide rows (GEMM forward), 32-wide rows
     # (GEMM backward: part of one block) and two blocks per row (GEMV forward, BLOCK_R = 128).
-    GEMM_CONFIGS = [_cfg(16, 32, 64, 4, 1)]
-    GEMV_CONFIGS = [triton.Config({"BLOCK_C": 64, "BLOCK_R": 128, "GROUP_M": 1}, num_warps=4, num_stages=1)]
+    GEMM_CONFIGS = GEMM_CONFIGS_ANY_K = [_cfg(16, 32, 64, 4, 1)]
+    GEMV_CONFIGS = GEMV_CONFIGS_ANY_K = [
+        triton.Config({"BLOCK_C": 64, "BLOCK_R": 128, "GROUP_M": 1}, num_warps=4, num_stages=1)]
 
 
 
@@ -318,6 +329,9 @@ _KEY = ["M_BUCKET", "N", "K", "TRANSPOSE"]  # (Triton adds the tensors' dtypes)
 _gemm = triton.autotune(configs=GEMM_CONFIGS, key=_KEY,
                         prune_configs_by={"early_config_prune": _prune_gemm})(_even(_nf4_matmul_kernel))
 _gemv = triton.autotune(configs=GEMV_CONFIGS, key=_KEY + ["BLOCK_M"])(_even(_nf4_matmul_kernel))
+_gemm_any_k = triton.autotune(configs=GEMM_CONFIGS_ANY_K, key=_KEY,
+                              prune_configs_by={"early_config_prune": _prune_gemm})(_even(_nf4_matmul_kernel))
+_gemv_any_k = triton.autotune(configs=GEMV_CONFIGS_ANY_K, key=_KEY + ["BLOCK_M"])(_even(_nf4_matmul_kernel))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,7 +403,8 @@ def nf4_gemm(x: torch.Tensor, w: _Weight, transpose: bool = False, *, split_k: i
         offset = torch.as_tensor(w.offset, dtype=torch.float32, device=x.device)
     else:  # unused by the kernel (NESTED=False): any valid pointer
         absmax2 = code2 = offset = w.absmax
-    meta = dict(TRANSPOSE=transpose, NESTED=nested, ALIGNED=K % 64 == 0, INTERPRETED=INTERPRET,
+    aligned = K % 64 == 0
+    meta = dict(TRANSPOSE=transpose, NESTED=nested, ALIGNED=aligned, INTERPRETED=INTERPRET,
                 DOT_PRECISION="tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee")
 
     if M <= GEMV_MAX_M:
@@ -398,13 +413,15 @@ def nf4_gemm(x: torch.Tensor, w: _Weight, transpose: bool = False, *, split_k: i
         # one slice writes the output directly; several write fp32 partial sums, added up below
         out = torch.empty((splits, M, C), device=x.device, dtype=x.dtype if splits == 1 else torch.float32)
         grid = lambda META: (triton.cdiv(M, block_m) * triton.cdiv(C, META["BLOCK_C"]), splits)  # noqa: E731
-        _gemv[grid](a, out, w.packed, w.absmax, absmax2, code2, offset, _nf4_table(x.device),
-                    M, N, K, block_m, a.stride(0), a.stride(1), *out.stride(), BLOCK_M=block_m, **meta)
+        kernel = _gemv if aligned else _gemv_any_k
+        kernel[grid](a, out, w.packed, w.absmax, absmax2, code2, offset, _nf4_table(x.device),
+                     M, N, K, block_m, a.stride(0), a.stride(1), *out.stride(), BLOCK_M=block_m, **meta)
         y = out[0] if splits == 1 else out.sum(0).to(x.dtype)
     else:
         y = torch.empty((M, C), device=x.device, dtype=x.dtype)
         m_bucket = min(triton.next_power_of_2(M), 8192)
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(C, META["BLOCK_C"]), 1)  # noqa: E731
-        _gemm[grid](a, y, w.packed, w.absmax, absmax2, code2, offset, _nf4_table(x.device),
-                    M, N, K, m_bucket, a.stride(0), a.stride(1), 0, y.stride(0), y.stride(1), **meta)
+        kernel = _gemm if aligned else _gemm_any_k
+        kernel[grid](a, y, w.packed, w.absmax, absmax2, code2, offset, _nf4_table(x.device),
+                     M, N, K, m_bucket, a.stride(0), a.stride(1), 0, y.stride(0), y.stride(1), **meta)
     return y.view(out_shape)
