@@ -17,8 +17,9 @@ projections take ~3.5 GB instead of 13 GB in bf16.
 
 We quantize with bitsandbytes itself (so weights interoperate with the HF stack) and do the compute here:
 `dequantize_nf4` is bit-exact with `bitsandbytes.functional.dequantize_4bit`, and `nf4_matmul` computes
-x @ W.T either by dequantizing one weight at a time in PyTorch (CPU, and any device) or with the fused
-Triton kernels in `triton_nf4.py` (CUDA), which never write the dense weight to memory.
+x @ W.T either in PyTorch (on CPU slice by slice through W for decode-sized x, so the dense weight never goes
+through memory; otherwise the whole weight, then one matmul) or with the fused Triton kernels in
+`triton_nf4.py` (CUDA), which never write the dense weight to memory.
 """
 from __future__ import annotations
 
@@ -124,7 +125,7 @@ class _Weight:
         return _block_absmax(self.absmax, self.absmax2, self.code2, self.offset, self.blocksize2)
 
     def rows(self, scales: torch.Tensor, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
-        """W[r0:r1] in `dtype` (bit-exact dequantization). Row r0 must start a block: r0 * K % 64 == 0."""
+        """W[r0:r1] in `dtype` (bit-exact dequantization). Row r0 must start a block: r0 * K % blocksize == 0."""
         K = self.shape[1]
         i0, i1 = r0 * K, r1 * K                                   # the rows' range of the flattened weight
         assert i0 % self.blocksize == 0, (r0, K)
@@ -144,7 +145,8 @@ class _Weight:
     def row_slices(self) -> list[tuple[int, int]]:
         """Row ranges of about _SLICE_VALUES weights, each starting a block."""
         N, K = self.shape
-        rows = max(64, _SLICE_VALUES // K // 64 * 64)             # a multiple of 64: r0 * K % 64 == 0
+        bs = self.blocksize
+        rows = max(bs, _SLICE_VALUES // K // bs * bs)             # a multiple of the blocksize: r0 * K % bs == 0
         return [(r0, min(N, r0 + rows)) for r0 in range(0, N, rows)]
 
     def _use_triton(self, x: torch.Tensor, backend: str) -> bool:
@@ -211,7 +213,11 @@ def _weight_from_state(packed: torch.Tensor, s) -> _Weight:
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, quant_state, backend: str = "auto") -> torch.Tensor:
     """x [..., K] @ W.T -> [..., N] for an NF4 weight W [N, K] (bitsandbytes' packed data + QuantState).
     Differentiable in x; auto = the Triton kernels on CUDA, PyTorch elsewhere."""
-    return _NF4Matmul.apply(x, _weight_from_state(packed, quant_state), backend)
+    s = quant_state
+    if s.quant_type != "nf4" or len(s.shape) != 2 or x.shape[-1:] != s.shape[1:]:
+        raise ValueError(f"nf4_matmul: x {tuple(x.shape)} and a {s.quant_type} weight {tuple(s.shape)}; expected "
+                         f"an nf4 weight [N, K] and x [..., K]")
+    return _NF4Matmul.apply(x, _weight_from_state(packed, s), backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,12 +305,15 @@ def quantize_model(model: nn.Module, skip: tuple[str, ...] = ("output", "tok_emb
     return model
 
 
-def quantize_on_load(skip: tuple[str, ...] = ("output", "tok_embeddings"), compute_dtype: torch.dtype = torch.bfloat16):
+def quantize_on_load(skip: tuple[str, ...] = ("output", "tok_embeddings"),
+                     compute_dtype: torch.dtype = torch.bfloat16):
     """A hook for `llama.load_model(..., hook=...)`: each 2-D "<module>.weight" not in `skip` becomes an
-    NF4Linear as it streams off disk, so the dense model never exists in memory at once."""
-    def hook(name: str, tensor: torch.Tensor):
+    NF4Linear as it streams off disk, so the dense model never exists in memory at once. Everything else
+    (embeddings, norms, the skipped output head) comes back unchanged."""
+    def hook(name: str, tensor: torch.Tensor) -> torch.Tensor | nn.Module:
         module = name.rsplit(".", 1)[0]
-        if not name.endswith(".weight") or tensor.ndim != 2 or any(module == s or module.endswith("." + s) for s in skip):
+        skipped = any(module == s or module.endswith("." + s) for s in skip)
+        if not name.endswith(".weight") or tensor.ndim != 2 or skipped:
             return tensor
         return NF4Linear.from_weight(tensor, compute_dtype=compute_dtype)
     return hook

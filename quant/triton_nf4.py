@@ -405,7 +405,7 @@ def nf4_gemm(x: torch.Tensor, w: _Weight, transpose: bool = False, *, split_k: i
         absmax2 = code2 = offset = w.absmax
     aligned = K % 64 == 0
     meta = dict(TRANSPOSE=transpose, NESTED=nested, ALIGNED=aligned, INTERPRETED=INTERPRET,
-                DOT_PRECISION="tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee")
+                DOT_PRECISION="tf32" if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee")
 
     if M <= GEMV_MAX_M:
         block_m = 1 if M == 1 else 16

@@ -1,5 +1,8 @@
 """quant/nf4.py against bitsandbytes itself: dequantization bit for bit, matmul and its gradient,
 NF4Linear vs bitsandbytes.nn.Linear4bit, module swapping, the streaming hook, state dicts, memory."""
+import copy
+from collections import OrderedDict
+
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import pytest
@@ -163,6 +166,46 @@ def test_state_dict_round_trip_and_quant_state():
     b.load_state_dict(a.state_dict())
     assert torch.equal(a.dequantize(), b.dequantize())
     assert torch.equal(b.dequantize(), quant.dequantize_nf4(b.packed, b.quant_state))
+
+
+def test_nf4_matmul_rejects_bad_input():
+    packed, s = quantize(torch.randn(64, 128))
+    with pytest.raises(ValueError, match="nf4_matmul"):
+        quant.nf4_matmul(torch.randn(2, 64), packed, s)            # K is 128
+    with pytest.raises(ValueError, match="backend"):
+        quant.nf4_matmul(torch.randn(2, 128), packed, s, backend="cuda")
+    packed4, s4 = bnbF.quantize_4bit(torch.randn(64, 128), blocksize=64, quant_type="fp4")
+    with pytest.raises(ValueError, match="fp4"):
+        quant.nf4_matmul(torch.randn(2, 128), packed4, s4)
+
+
+def test_quantize_on_load_hook_directly():
+    """The loader's contract, without the loader: called once per tensor, a 2-D "<module>.weight" of a module
+    not skipped comes back as an NF4Linear (bitsandbytes' own quantization of that weight), anything else as
+    the same tensor; putting the modules in place gives quantize_model's model."""
+    torch.manual_seed(0)
+    hook = quant.quantize_on_load(compute_dtype=torch.float32)
+    for name, t in {"tok_embeddings.weight": torch.randn(100, 64), "norm.weight": torch.ones(64),
+                    "layers.0.attention_norm.weight": torch.ones(64), "output.weight": torch.randn(100, 64),
+                    "layers.0.attention.wq.bias": torch.randn(64)}.items():
+        assert hook(name, t) is t, name
+    w = torch.randn(96, 200)
+    m = hook("layers.3.feed_forward.w1.weight", w)
+    packed, s = quantize(w)
+    assert isinstance(m, quant.NF4Linear) and (m.out_features, m.in_features) == (96, 200)
+    assert torch.equal(m.packed, packed) and torch.equal(m.dequantize(), bnb_dense(packed, s))
+
+    dense = nn.Sequential(OrderedDict(w1=nn.Linear(64, 96, bias=False), act=nn.SiLU(),
+                                      w2=nn.Linear(96, 64, bias=False), output=nn.Linear(64, 10, bias=False)))
+    streamed = copy.deepcopy(dense)
+    for name, t in dense.state_dict().items():  # what the loader does with each tensor it reads
+        r = hook(name, t)
+        if isinstance(r, nn.Module):
+            setattr(streamed, name.rsplit(".", 1)[0], r)
+    swapped = quant.quantize_model(copy.deepcopy(dense), compute_dtype=torch.float32)
+    assert isinstance(streamed.w1, quant.NF4Linear) and type(streamed.output) is nn.Linear
+    x = torch.randn(3, 64)
+    assert torch.equal(streamed(x), swapped(x))
 
 
 def test_quantize_on_load_hook_equals_quantize_model(tmp_path):
