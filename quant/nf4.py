@@ -47,12 +47,17 @@ _CPU_SLICE_BLOCKS = 8192
 
 def _block_absmax(absmax: torch.Tensor, absmax2: torch.Tensor | None, code2: torch.Tensor | None,
                   offset: torch.Tensor | None, blocksize2: int) -> torch.Tensor:
-    """fp32 absmax per 64-block, undoing the double quantization when the absmaxes are 8-bit."""
+    """fp32 absmax per 64-block, undoing the double quantization when the absmaxes are 8-bit:
+    code2[absmax_u8[b]] * absmax2[b // blocksize2] + offset, the product rounded before the sum (as bitsandbytes)."""
     if absmax2 is None:
         return absmax.float()
     n = absmax.numel()
-    scale = absmax2.float().repeat_interleave(blocksize2)[:n]
-    return code2.float()[absmax.long()] * scale + offset.float()
+    whole = n - n % blocksize2                                # blocks in whole groups of blocksize2
+    out = code2.float().index_select(0, absmax.reshape(-1).int())
+    out[:whole].view(-1, blocksize2).mul_(absmax2[: whole // blocksize2, None].float())
+    if whole < n:
+        out[whole:].mul_(absmax2[whole // blocksize2].float())
+    return out.add_(offset.float())
 
 
 def _dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
