@@ -161,7 +161,7 @@ class _Weight:
             return True
         if backend != "auto":
             raise ValueError(f"nf4_matmul: backend {backend!r}, expected 'auto', 'torch' or 'triton'")
-        return x.is_cuda and _triton_available()
+        return x.is_cuda and _triton_available(x.device)
 
     # On CPU, for decode-sized M (<= 16 rows), the products walk W slice by slice: each slice is dequantized
     # into cache and used at once, so the dense weight never goes through memory. That traffic is the whole
@@ -201,7 +201,10 @@ class _Weight:
         return acc.to(g.dtype).view(*g.shape[:-1], K)
 
 
-def _triton_available() -> bool:
+def _triton_available(device: torch.device) -> bool:
+    """The kernels' bf16 tensor-core dots need sm_80 (A100) or newer; Triton itself may be missing."""
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return False
     try:
         from . import triton_nf4  # noqa: F401
     except ImportError:
