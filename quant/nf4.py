@@ -252,6 +252,17 @@ class NF4Linear(nn.Module):
         self.register_buffer("offset", torch.zeros((), device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) / .half() cast every floating buffer; rounded, the fp32 statistics would
+        # dequantize to other weights. They stay fp32: only a device move applies to them.
+        stats = {k: self._buffers[k] for k in ("absmax2", "code2", "offset")}
+        super()._apply(fn, recurse)
+        for k, before in stats.items():
+            after = self._buffers[k]
+            if after.dtype != before.dtype:
+                self._buffers[k] = before.to(after.device)
+        return self
+
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
                     compute_dtype: torch.dtype | None = None) -> "NF4Linear":

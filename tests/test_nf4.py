@@ -150,6 +150,21 @@ def test_nf4linear_matches_bitsandbytes_linear4bit(dtype):
     assert torch.equal(ours.dequantize(), bnbF.dequantize_4bit(ref.weight.data, ref.weight.quant_state))
 
 
+def test_nf4linear_buffers_frozen_and_dtype_casts():
+    """Everything of the format is a buffer; nothing requires grad; model.to(bf16) / .half() cast the bias
+    but leave the fp32 statistics alone, so the weight dequantizes to the same values."""
+    torch.manual_seed(0)
+    lin = quant.NF4Linear.from_linear(nn.Linear(128, 64, bias=True), torch.bfloat16)
+    assert {"packed", "absmax", "absmax2", "code2", "offset"} <= set(dict(lin.named_buffers()))
+    assert [n for n, p in lin.named_parameters()] == ["bias"] and not lin.bias.requires_grad
+    w = lin.dequantize()
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.double(), lambda m: m.float()):
+        cast(lin)
+        assert lin.absmax2.dtype == lin.code2.dtype == lin.offset.dtype == torch.float32
+        assert torch.equal(lin.dequantize(), w)
+    assert lin.bias.dtype == torch.float32 and not lin.bias.requires_grad
+
+
 def test_quantize_model_swaps_linears_but_not_skipped():
     model = nn.ModuleDict({"layers": nn.ModuleList([nn.ModuleDict({"wq": nn.Linear(64, 64, bias=False)})]),
                            "output": nn.Linear(64, 100, bias=False), "tok_embeddings": nn.Embedding(100, 64)})
