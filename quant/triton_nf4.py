@@ -388,6 +388,8 @@ def nf4_gemm(x: torch.Tensor, w: _Weight, transpose: bool = False, *, split_k: i
     if any(t.device != x.device for t in tensors):
         raise ValueError(f"triton_nf4.nf4_gemm: x is on {x.device}, weight tensors on "
                          f"{sorted({str(t.device) for t in tensors})}")
+    if not all(t.is_contiguous() for t in tensors):  # the kernel indexes them as flat arrays
+        raise ValueError("triton_nf4.nf4_gemm: the weight's packed/absmax tensors must be contiguous")
     if x.device.type != "cuda" and not INTERPRET:
         raise ValueError(f"triton_nf4.nf4_gemm: x is on {x.device}; the Triton kernels need CUDA "
                          "(or TRITON_INTERPRET=1 set before importing quant.triton_nf4)")

@@ -150,6 +150,9 @@ def test_nf4_gemm_rejects_bad_input():
         triton_nf4.nf4_gemm(torch.randn(2, 64), w)  # forward wants K = 128
     with pytest.raises(ValueError, match="dtype"):
         triton_nf4.nf4_gemm(torch.randn(2, 128, dtype=torch.float64), w)
+    w.packed = torch.cat([packed, packed], dim=1)[:, :1]  # right size, every other byte: not flat
+    with pytest.raises(ValueError, match="contiguous"):
+        triton_nf4.nf4_gemm(torch.randn(2, 128), w)
     w.blocksize = 128
     with pytest.raises(ValueError, match="blocksize"):
         triton_nf4.nf4_gemm(torch.randn(2, 128), w)
