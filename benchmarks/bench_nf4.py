@@ -241,7 +241,11 @@ def main(argv: list[str] | None = None) -> dict:
           f"M = {ms}, on {name}")
     if cpu:
         print(f"CPU: {args.reps} timed calls each, implementations taking turns; the default (7B shapes, "
-              f"M = 1,16,512) takes a few minutes on 2 cores. Load average now: {os.getloadavg()[0]:.1f}")
+              f"M = 1,16,512) takes 0.5-3 minutes on 2 cores. Load average now: {os.getloadavg()[0]:.1f}")
+        if os.getloadavg()[0] > 0.5:
+            print("  other processes are running: with 2+ threads on busy cores every parallel op can stall on a "
+                  "descheduled thread, which punishes many small ops far more than one big kernel; "
+                  "--threads 1 compares more fairly there")
     elif peak is None:
         print(f"no peak bandwidth known for {name!r}: pass --peak-gbs to get GEMV % of peak")
     if triton_available(args.device) and cpu:
