@@ -139,7 +139,7 @@ class _Weight:
         shape = torch.Size((r1 - r0, K))
         if packed.device.type == "cpu" and K % self.blocksize == 0:
             # Same numbers, faster: on CPU bitsandbytes' C++ kernel (one vectorized pass) beats our three
-            # PyTorch ops per slice by 1.2-5x. Its output is bit-identical to _dequantize (tests/test_nf4.py);
+            # PyTorch ops per slice by ~1.35x. Its output is bit-identical to _dequantize (tests/test_nf4.py);
             # it is only wrong when rows split blocks (K % 64 != 0), hence the guard.
             return torch.ops.bitsandbytes.dequantize_4bit.default(packed, scales, self.blocksize, "nf4", shape, dtype)
         return _dequantize(packed, scales, shape, dtype, self.blocksize)
@@ -165,8 +165,8 @@ class _Weight:
 
     # On CPU, for decode-sized M (<= 16 rows), the products walk W slice by slice: each slice is dequantized
     # into cache and used at once, so the dense weight never goes through memory. That traffic is the whole
-    # cost of a GEMV: bitsandbytes' dequantize + matmul writes and reads 64 MB of fp32 for a 4096x4096
-    # weight, 4-8x slower at M = 1 (benchmarks/bench_nf4.py). For training-sized M the GEMM dwarfs the
+    # cost of a GEMV: bitsandbytes' dequantize + matmul writes and reads 32 MB of bf16 for a 4096x4096
+    # weight, 3.5-6x slower at M = 1 (benchmarks/bench_nf4.py). For training-sized M the GEMM dwarfs the
     # dequantization: the whole weight, then one matmul. On GPUs without Triton (backend="torch"): the
     # whole weight, one launch per op.
 
