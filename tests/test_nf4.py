@@ -194,6 +194,23 @@ def test_nf4_matmul_rejects_bad_input():
         quant.nf4_matmul(torch.randn(2, 128), packed4, s4)
 
 
+def test_auto_backend_is_torch_off_cuda_and_output_in_x_dtype(monkeypatch):
+    """backend="auto" runs the Triton kernels only on CUDA; NF4Linear's output has x's dtype whatever its
+    compute dtype."""
+    from quant import triton_nf4
+
+    def no_triton(*args, **kwargs):
+        raise AssertionError("Triton kernel called for a CPU tensor with backend='auto'")
+    monkeypatch.setattr(triton_nf4, "nf4_gemm", no_triton)
+    torch.manual_seed(0)
+    lin = quant.NF4Linear.from_linear(nn.Linear(128, 64, bias=True), torch.bfloat16)
+    x = torch.randn(3, 128, requires_grad=True)
+    y = lin(x)
+    y.sum().backward()
+    assert y.dtype == torch.float32 and x.grad.dtype == torch.float32
+    assert lin(x.detach().to(torch.bfloat16)).dtype == torch.bfloat16
+
+
 def test_quantize_on_load_hook_directly():
     """The loader's contract, without the loader: called once per tensor, a 2-D "<module>.weight" of a module
     not skipped comes back as an NF4Linear (bitsandbytes' own quantization of that weight), anything else as
