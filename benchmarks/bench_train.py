@@ -501,6 +501,18 @@ def loadavg() -> str:
         return "n/a"
 
 
+def git_commit() -> str:
+    """The code measured: HEAD, with '+dirty' when tracked files differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -598,6 +610,7 @@ def main(argv: list[str] | None = None) -> dict:
               "torch": torch.__version__.split("+")[0], "date": datetime.date.today().isoformat(),
               "tokens_per_step": args.tokens_per_step, "reps": args.reps, "warmup": args.warmup,
               "lora_dropout": args.lora_dropout, "r": R, "alpha": ALPHA, "rows": []}
+    result["commit"] = git_commit()
     result["versions"] = {}
     for pkg in ("transformers", "peft", "bitsandbytes"):
         try:
