@@ -26,7 +26,8 @@ Three ways to run attention, one `forward`:
   would see alone. The mask is causal AND same-doc (block-diagonal). On CUDA it is a flex_attention
   BlockMask (compiled flex_attention skips the blocks that are fully masked, so short documents cost what
   they would cost alone, and it never materialises a T x T mask); elsewhere, or without flex_attention,
-  it is a boolean [B, 1, T, T] mask for SDPA (CPU's SDPA kernel takes boolean masks directly).
+  each document is its own causal SDPA call (the row is split at document boundaries): the same saving,
+  sum of L_i^2 instead of T^2, at the price of one kernel call per document, cheap on CPU.
 - cached (`start_pos`): generation with a KV cache (`setup_cache`), Meta's scheme: one start position for
   the batch, prompts right-padded, prefill (T > 1) then one token at a time (T == 1).
 """
@@ -143,7 +144,13 @@ class Attention(nn.Module):
             rep = self.n_heads // self.n_kv_heads
             if rep > 1:
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+            if isinstance(mask, list):  # packed rows: causal attention inside each document's span
+                sdpa = F.scaled_dot_product_attention
+                out = torch.cat([torch.cat([sdpa(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
+                                                 is_causal=True) for s, e in spans], dim=2)
+                                 for b, spans in enumerate(mask)])  # (B, H, T, D)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
 
 
@@ -273,9 +280,9 @@ class Transformer(nn.Module):
 
 
 def packed_mask(doc_ids: Tensor):
-    """Causal AND same-document mask for packed rows: a flex BlockMask on CUDA, else bool [B, 1, T, T].
-    Each document is one contiguous run of its id; give every document in a row its own id (padding may
-    share one id: it then only attends to padding)."""
+    """Causal AND same-document attention for packed rows: a flex BlockMask on CUDA, else each row's
+    document spans [(start, end), ...] (list of B lists). Each document is one contiguous run of its id;
+    give every document in a row its own id (padding may share one id: it then only attends to padding)."""
     B, T = doc_ids.shape
     use_flex = USE_FLEX if USE_FLEX is not None else doc_ids.device.type == "cuda"
     if use_flex and create_block_mask is not None:
@@ -284,8 +291,12 @@ def packed_mask(doc_ids: Tensor):
         # compiled on CUDA so the [B, T, T] mask is never materialised, only its 128 x 128 block summary
         return create_block_mask(same_doc_causal, B, None, T, T, device=doc_ids.device,
                                  _compile=doc_ids.device.type == "cuda")
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
-    return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
+    change = (doc_ids[:, 1:] != doc_ids[:, :-1]).cpu()  # (B, T-1): True where a new document starts
+    spans = []
+    for row in change:
+        cuts = [0] + (row.nonzero().flatten() + 1).tolist() + [T]
+        spans.append(list(zip(cuts[:-1], cuts[1:])))
+    return spans
 
 
 @torch.no_grad()

@@ -119,7 +119,7 @@ def test_packed_documents_are_isolated(pair):
     doc_ids = torch.tensor([[0] * 5 + [1] * 7 + [2] * 9 + [-1] * 3, [0] * 16 + [1] * 8])
     with torch.no_grad():
         packed = ours(tokens, doc_ids)
-        for flex in (False, True):  # the SDPA boolean mask, and the flex_attention BlockMask CUDA uses
+        for flex in (False, True):  # per-document SDPA calls, and the flex_attention BlockMask CUDA uses
             if flex and M.create_block_mask is None:
                 continue
             M.USE_FLEX = flex
