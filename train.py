@@ -65,7 +65,7 @@ class TrainConfig:
     lora_dropout: float = 0.05
     lora_targets: str = "wq,wk,wv,wo,w1,w2,w3"
     rslora: bool = False
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    dtype: str = "auto"  # auto (bf16 on CUDA; on CPU fp32, bf16 for checkpoints over 2 GiB) | bf16 | fp16 | fp32
     device: str = "auto"
     grad_checkpointing: bool = False
     lima_dropout: float = 0.0  # residual dropout rising linearly with depth up to this value (LIMA)
@@ -340,7 +340,12 @@ def _rows_to_tensors(rows: list[list[tuple[list[int], list[bool]]]], seq_len: in
 
 def resolve_device_dtype(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    name = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    name = cfg.dtype
+    if name == "auto":  # bf16 on CUDA; on CPU fp32 (exact, and fast for small models) up to ~1B parameters,
+        # then bf16: in fp32, 7B's unquantized embeddings, head and activations would double (24 GB machines)
+        weights = [f for f in Path(cfg.ckpt).glob("*") if f.suffix in (".pth", ".safetensors", ".bin")]
+        big = sum(f.stat().st_size for f in weights) > 2 * 2**30
+        name = "bf16" if device.type == "cuda" or big else "fp32"
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if name not in dtypes:
         raise UserError(f"--dtype {cfg.dtype}: expected auto, bf16, fp16 or fp32")

@@ -1,4 +1,5 @@
 """train.py: data formats and errors, masks, packing isolation, learning in each mode, resume, the demo."""
+import dataclasses
 import json
 import math
 import re
@@ -185,6 +186,19 @@ def test_head_ce_matches_autograd_cross_entropy(dtype):
     h.grad = None
     train.head_ce(h, frozen, labels, chunk=8).backward()
     assert h.grad is not None
+
+
+def test_auto_dtype_is_bf16_on_cpu_only_for_big_checkpoints(tmp_path):
+    """--dtype auto on CPU: fp32 for the small demo model, bf16 for a checkpoint over 2 GiB (7B is 13.5 GB),
+    where fp32 would double the unquantized embeddings, head and activations."""
+    cfg = train.TrainConfig(device="cpu")
+    assert train.resolve_device_dtype(cfg)[1] == torch.float32  # the bundled demo
+    with open(tmp_path / "consolidated.00.pth", "wb") as f:  # sparse: only its size is read
+        f.truncate(3 * 2**30)
+    (tmp_path / "params.json").write_text("{}")
+    cfg = train.TrainConfig(ckpt=str(tmp_path), device="cpu")
+    assert train.resolve_device_dtype(cfg)[1] == torch.bfloat16
+    assert train.resolve_device_dtype(dataclasses.replace(cfg, dtype="fp32"))[1] == torch.float32
 
 
 # ---- learning in each mode, resume
