@@ -417,10 +417,11 @@ class _HeadCE(torch.autograd.Function):
         for s in range(0, h.shape[0], chunk):
             hc, y = h[s: s + chunk], labels[s: s + chunk]
             logits = (hc @ weight.T).float()  # [c, V]; under autocast the matmul runs in the autocast dtype
-            lse = torch.logsumexp(logits, dim=-1)  # [c]
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            logp = torch.log_softmax(logits, dim=-1)  # one fused pass
+            del logits
+            total -= logp.gather(1, y[:, None]).sum()
             if need_h or need_w:
-                p = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+                p = logp.exp_()  # softmax, in place
                 p[torch.arange(len(y), device=y.device), y] -= 1  # - onehot(y)
                 p = p.to(hc.dtype)
                 if need_h:
