@@ -8,7 +8,8 @@ A step is forward, backward, gradient clipping (0.3) and AdamW (lr 2e-4, the sam
 construction on both sides), on one packed batch of --tokens-per-step tokens (rows of --seq-len):
 
 - ours:     `train.build_model` (load -> NF4-quantize while streaming -> LoRA), `train.loss_sum`
-            (chunked, checkpointed cross-entropy) and `train.make_optimizer`: the product's own step.
+            (the head on trained tokens only, cross-entropy gradient taken in the forward) and
+            `train.make_optimizer`: the product's own step.
 - baseline: `transformers.LlamaForCausalLM` (SDPA attention) + `peft` LoRA loaded with
             `PeftModel.from_pretrained(..., is_trainable=True)`, + bitsandbytes 4-bit for QLoRA
             (`BitsAndBytesConfig`: nf4, double quant, compute dtype = the run's dtype), loss from
