@@ -363,15 +363,31 @@ def load_tokenizer(cfg: TrainConfig) -> tuple[Tokenizer, list[str]]:
     return tokenizer, new_tokens
 
 
+def load_progress():
+    """A progress(done, total) callback for load_model: one line rewritten in place on a terminal, a line per
+    10% in a log file."""
+    t0, tty, shown = time.time(), sys.stdout.isatty(), [-1]
+
+    def progress(done: int, total: int) -> None:
+        tenth = 10 * done // total
+        if not tty and tenth == shown[0]:
+            return
+        shown[0] = tenth
+        elapsed = time.time() - t0
+        print(f"{chr(13) if tty else ''}loading weights: {done}/{total} tensors ({100 * done // total}%), {elapsed:.0f}s, "
+              f"ETA {elapsed / done * (total - done):.0f}s   ", end="\n" if not tty or done == total else "", flush=True)
+    return progress
+
+
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer, new_tokens: list[str], device: torch.device,
-                dtype: torch.dtype):
+                dtype: torch.dtype, progress=None):
     """Load base weights -> quantize (while streaming) -> resize for added tokens -> LoRA (or all trainable)."""
     quantize = cfg.quant == "nf4" or (cfg.quant == "auto" and device.type == "cuda" and not cfg.full)
     if cfg.full and quantize:
         raise UserError("--full trains every weight; it cannot be combined with --quant nf4")
     # Weights stream off disk one tensor at a time; with NF4 each projection is quantized as it arrives.
     hook = quant.quantize_on_load(compute_dtype=dtype) if quantize else None
-    model = load_model(cfg.ckpt, dtype=dtype, device=device, hook=hook)
+    model = load_model(cfg.ckpt, dtype=dtype, device=device, hook=hook, progress=progress)
     if model.args.max_seq_len < cfg.seq_len:
         raise UserError(f"--seq-len {cfg.seq_len} is longer than the model supports "
                         f"(max_seq_len {model.args.max_seq_len} in {cfg.ckpt})")
@@ -763,7 +779,8 @@ def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
     if dist_ctx.rank == 0:
         print_stats(stats)
     t0 = time.time()
-    model, quantized = build_model(cfg, tokenizer, new_tokens, device, dtype)
+    model, quantized = build_model(cfg, tokenizer, new_tokens, device, dtype,
+                                   load_progress() if dist_ctx.rank == 0 else None)
     say(f"model: loaded{' + NF4-quantized' if quantized else ''} in {time.time() - t0:.1f}s", flush=True)
     if cfg.full and dist_ctx.world > 1:
         shard_model(model, dist_ctx, device)
@@ -980,7 +997,7 @@ def chat(cfg: TrainConfig) -> None:
         cfg.template = json.loads(run_cfg.read_text())["template"]
     quantize = cfg.quant == "nf4" or (cfg.quant == "auto" and device.type == "cuda")
     hook = quant.quantize_on_load(compute_dtype=dtype) if quantize else None
-    model = load_model(cfg.ckpt, dtype=dtype, device=device, hook=hook)
+    model = load_model(cfg.ckpt, dtype=dtype, device=device, hook=hook, progress=load_progress())
     tok_dir = Path(cfg.adapter) if cfg.adapter and (Path(cfg.adapter) / "tokenizer.model").exists() else None
     tokenizer = Tokenizer(str((tok_dir / "tokenizer.model") if tok_dir else find_tokenizer(cfg.ckpt)))
     if tokenizer.n_words > model.args.vocab_size:

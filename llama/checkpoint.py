@@ -129,12 +129,13 @@ def find_tokenizer(path: str | Path) -> Path | None:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-               hook: Hook | None = None) -> Transformer:
+               hook: Hook | None = None, progress: Callable[[int, int], None] | None = None) -> Transformer:
     """Load a Meta or Hugging Face Llama checkpoint folder, streaming one tensor at a time.
 
     hook(name, tensor), if given, is called once per tensor (Meta names, after merging shards, casting to
     dtype and moving to device). It returns the tensor to use as the parameter, or an nn.Module that
     replaces the nn.Linear owning "<module>.weight" (how quant/ quantizes while loading).
+    progress(done, total), if given, is called after each tensor (7B with NF4 takes minutes on a CPU).
     Returns the model in eval mode."""
     path = Path(path)
     if not path.is_dir():
@@ -154,8 +155,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
         missing, extra = sorted(set(expected) - set(names)), sorted(set(names) - set(expected))
         raise CheckpointError(f"{path}: tensors do not match a Llama model with these params "
                               f"(missing {missing[:5]}, unexpected {extra[:5]})")
-    for name, t in stream(expected, dtype, torch.device(device)):  # in model order, a layer at a time
+    for i, (name, t) in enumerate(stream(expected, dtype, torch.device(device)), 1):  # model order, a layer at a time
         _assign(model, name, hook(name, t) if hook is not None else t)
+        if progress is not None:
+            progress(i, len(expected))
     model.init_rope(torch.device(device))
     return model.eval()
 
