@@ -18,6 +18,9 @@ Meta state dict loads with no renaming:
 - GQA (Ainslie et al. 2023): n_kv_heads <= n_heads; each K/V head serves n_heads // n_kv_heads query heads.
 - SwiGLU (Shazeer 2020) with Meta's hidden size: 2/3 * 4 * dim, times ffn_dim_multiplier, rounded up to
   multiple_of (7B: 11008, 13B: 13824, 70B: 28672).
+- Memory: RMSNorm and the SwiGLU product are small autograd Functions that keep only their inputs for
+  backward (plain autograd would also keep an fp32 copy of x, the normalised output and silu(a)): about
+  a sixth less activation memory per block in bf16, same forward arithmetic.
 
 Three ways to run attention, one `forward`:
 - plain: causal self-attention over each row (SDPA, `is_causal=True`: flash kernels on CUDA).
@@ -64,6 +67,34 @@ class ModelArgs:
     max_seq_len: int = 4096
 
 
+class _RMSNormFn(torch.autograd.Function):
+    """y = (x * r).type_as(x) * w, r = rsqrt(mean(x^2) + eps) in fp32, Meta's rounding (cast back before the weight).
+
+    Plain autograd would keep the fp32 copy of x and the normalised output for backward (6 bytes per bf16
+    element); this keeps x and r (2 bytes per element + one float per row). With xh = x * r and
+    gn = dL/dy * w, the backward is dL/dx = r * (gn - xh * mean(gn * xh)) and dL/dw = sum over rows of
+    dL/dy * xh."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        xf = x.float()
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1]
+        ctx.save_for_backward(x, weight, r)
+        return (xf * r).type_as(x) * weight
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, weight, r = ctx.saved_tensors
+        xh = x.float() * r
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gn = g.float() * weight.float()
+            gx = (r * (gn - xh * (gn * xh).mean(-1, keepdim=True))).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            gw = (g.float() * xh.type_as(x).float()).flatten(0, -2).sum(0).to(weight.dtype)
+        return gx, gw, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -71,9 +102,26 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight  # cast back before the weight, as Meta does
+        return _RMSNormFn.apply(x, self.weight, self.eps)
+
+
+class _SwiGLUFn(torch.autograd.Function):
+    """silu(a) * b, keeping only a and b for backward (autograd would also keep silu(a): one [tokens, hidden]
+    tensor per block). With s = sigmoid(a): d silu(a)/da = s * (1 + a * (1 - s))."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        ctx.save_for_backward(a, b)
+        return F.silu(a) * b
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        a, b = ctx.saved_tensors
+        af, gf = a.float(), g.float()
+        s = torch.sigmoid(af)
+        ga = gf * b.float() * s * (1 + af * (1 - s)) if ctx.needs_input_grad[0] else None
+        gb = gf * af * s if ctx.needs_input_grad[1] else None
+        return (ga.to(a.dtype) if ga is not None else None), (gb.to(b.dtype) if gb is not None else None)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[Tensor, Tensor]:
@@ -175,7 +223,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)  # up
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(_SwiGLUFn.apply(self.w1(x), self.w3(x)))
 
 
 class TransformerBlock(nn.Module):

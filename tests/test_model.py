@@ -225,3 +225,57 @@ def test_rope_tables_stay_fp32_through_casts():
         empty = Transformer(ModelArgs(**ARGS))
     empty.to_empty(device="cpu")  # uninitialised storage: the RoPE tables must still be right
     assert torch.equal(empty.rope_cos, cos) and torch.equal(empty.rope_sin, rope_tables(DIM // HEADS, 128, 10000.0)[1])
+
+
+def _saved_bytes(fn, *args) -> tuple[torch.Tensor, int]:
+    """fn(*args) and the bytes autograd keeps for its backward (parameters and inputs given here excluded
+    when they are only referenced: counted once per distinct storage)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return out, sum(storages.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_and_swiglu_match_plain_autograd_and_keep_less(dtype):
+    """The two memory-saving autograd Functions against the textbook formulas run through plain autograd:
+    the same forward bit for bit, the same gradients, and only their inputs kept for backward."""
+    g = torch.Generator().manual_seed(0)
+    N, D, H = 24, 64, 96
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+
+    def check(ours, ref, inputs):
+        out, saved = _saved_bytes(ours, *inputs)
+        grad_out = torch.randn(out.shape, generator=g).to(dtype)
+        grads = torch.autograd.grad(out, inputs, grad_out)
+        ref_out, ref_saved = _saved_bytes(ref, *inputs)
+        ref_grads = torch.autograd.grad(ref_out, inputs, grad_out)
+        assert torch.equal(out, ref_out)
+        for a, b in zip(grads, ref_grads):
+            assert a.dtype == b.dtype
+            assert (a.float() - b.float()).abs().max() <= tol * b.float().abs().max()
+        return saved, ref_saved
+
+    # RMSNorm, Meta's formula: x * rsqrt(mean(x^2) + eps), cast back, times the weight
+    norm = M.RMSNorm(D, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(D, generator=g) + 0.5)
+    x = (torch.randn(2, N // 2, D, generator=g) * 3).to(dtype).requires_grad_()
+
+    def ref_norm(x, w):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).type_as(x) * w
+    saved, ref_saved = check(lambda x, w: norm(x), ref_norm, (x, norm.weight))
+    elem = x.element_size()
+    assert saved == N * D * elem + D * elem + N * 4  # x, the weight, one fp32 r per row
+    assert ref_saved - saved >= N * D * 4  # plain autograd also keeps the normalised output (and in bf16 an fp32 x)
+
+    # SwiGLU product silu(a) * b
+    a = torch.randn(N, H, generator=g).to(dtype).requires_grad_()
+    b = torch.randn(N, H, generator=g).to(dtype).requires_grad_()
+    saved, ref_saved = check(M._SwiGLUFn.apply, lambda a, b: F.silu(a) * b, (a, b))
+    assert saved == 2 * N * H * elem and ref_saved == 3 * N * H * elem  # a, b (and silu(a) in plain autograd)
