@@ -19,8 +19,8 @@ Meta state dict loads with no renaming:
 - SwiGLU (Shazeer 2020) with Meta's hidden size: 2/3 * 4 * dim, times ffn_dim_multiplier, rounded up to
   multiple_of (7B: 11008, 13B: 13824, 70B: 28672).
 - Memory: RMSNorm and the SwiGLU product are small autograd Functions that keep only their inputs for
-  backward (plain autograd would also keep an fp32 copy of x, the normalised output and silu(a)): about
-  a sixth less activation memory per block in bf16, same forward arithmetic.
+  backward (plain autograd would also keep an fp32 copy of x, the normalised output and silu(a)); same
+  forward arithmetic. A 7B QLoRA step at 256 tokens on CPU peaked at 7.65 GiB before, 6.84 GiB after.
 
 Three ways to run attention, one `forward`:
 - plain: causal self-attention over each row (SDPA, `is_causal=True`: flash kernels on CUDA).
