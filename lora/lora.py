@@ -71,7 +71,7 @@ class _LoRAFunction(torch.autograd.Function):
             dt = out.dtype
             x2 = x.reshape(-1, x.shape[-1]).to(dt)  # [N, in]
             if p > 0:
-                x2 = x2.masked_fill(_drop_mask(x2.shape, p, seed, x.device), 0)
+                x2 = torch.where(_drop_mask(x2.shape, p, seed, x.device), 0, x2)  # one pass (masked_fill copies, then fills)
             h = x2 @ A.to(dt).T  # [N, r]
             if out._is_view():  # autograd cannot rebase an in-place custom op on a view: out of place
                 y = torch.addmm(out.reshape(-1, out.shape[-1]), h, B.to(dt).T, alpha=c).view(out.shape)
@@ -95,7 +95,7 @@ class _LoRAFunction(torch.autograd.Function):
             drop = _drop_mask(torch.Size((h.shape[0], x.shape[-1])), p, ctx.seed, x.device) if p > 0 else None
             if ctx.needs_input_grad[2]:
                 x2 = x.reshape(-1, x.shape[-1]).to(dt)
-                gA = (gh.T @ (x2.masked_fill(drop, 0) if p > 0 else x2)).to(A.dtype)  # [r, in]
+                gA = (gh.T @ (torch.where(drop, 0, x2) if p > 0 else x2)).to(A.dtype)  # [r, in]
             if ctx.needs_input_grad[3]:
                 gB = (g2.T @ h).mul_(c).to(B.dtype)  # [out, r]
             if ctx.needs_input_grad[0]:
