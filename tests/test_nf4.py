@@ -93,11 +93,13 @@ def test_nf4_matmul_forward_and_grad(M, shape, sliced, monkeypatch):
     y = quant.nf4_matmul(x, packed, s, backend="torch")
     x_ref = x.detach().clone().requires_grad_()
     y_ref = x_ref @ dense.t()
-    assert (y - y_ref).abs().max() < 1e-5
+    # fp32 with another summation order (slices, BLAS kernels differ per CPU): |err| <= 1e-5 + 1.3e-6 |ref|;
+    # a wrong weight is off by ~0.1
+    torch.testing.assert_close(y, y_ref)
     g = torch.randn_like(y)
     y.backward(g)
     y_ref.backward(g)
-    assert (x.grad - x_ref.grad).abs().max() < 1e-5
+    torch.testing.assert_close(x.grad, x_ref.grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
