@@ -11,9 +11,12 @@ At Llama-2-7B shapes (4096 -> 4096: q/k/v/o, 4096 -> 11008: gate/up; r 16, alpha
              that the comparison with peft isolates the LoRA layer from the NF4 kernel;
 - plain_bnb: `base(x) + s * F.linear(F.linear(F.dropout(x), A), B)` in plain autograd on the same
              bnb base: what the fused autograd Function buys;
-- peft:      peft's LoRA on bitsandbytes.nn.Linear4bit (what transformers + peft + bnb run).
+- peft:      peft's LoRA on bitsandbytes.nn.Linear4bit (what transformers + peft + bnb run);
+- base_ours, base_bnb: quant.NF4Linear / bnb Linear4bit alone, no adapter (x still gets its gradient):
+             the floor under any LoRA layer on that base. peft_ms / base_bnb_ms is the most that any
+             LoRA code over bitsandbytes' base could gain on peft ("bound" in the table).
 
-Runs alternate between the four, after warm-up; the median of --reps is reported.
+Runs alternate between the layers, after warm-up; the median of --reps is reported.
 
 Memory, two measures per layer:
 - saved: bytes autograd keeps for the backward (torch.autograd.graph.saved_tensors_hooks), over
@@ -44,7 +47,7 @@ import lora  # noqa: E402
 import quant  # noqa: E402
 
 R, ALPHA, DROPOUT = 16, 32, 0.05
-IMPLS = ("ours", "ours_bnb", "plain_bnb", "peft")
+IMPLS = ("ours", "ours_bnb", "plain_bnb", "peft", "base_ours", "base_bnb")
 
 
 class PlainLoRA(nn.Module):
@@ -73,6 +76,10 @@ def build(impl: str, n_in: int, n_out: int, device: str, dtype: torch.dtype) -> 
     dense = nn.Linear(n_in, n_out, bias=False, device=device, dtype=dtype)
     if impl == "ours":
         layer = lora.LoRALinear(quant.NF4Linear.from_linear(dense), R, ALPHA, DROPOUT)
+    elif impl == "base_ours":
+        layer = quant.NF4Linear.from_linear(dense)
+    elif impl == "base_bnb":
+        layer = bnb_linear4bit(dense, device, dtype)
     elif impl == "ours_bnb":  # LoRALinear duck-types over bitsandbytes' layer too
         layer = lora.LoRALinear(bnb_linear4bit(dense, device, dtype), R, ALPHA, DROPOUT)
     elif impl == "plain_bnb":
@@ -175,7 +182,7 @@ def setup(impl: str, n_in: int, n_out: int, tokens: int, device: str):
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--reps", type=int, default=None, help="timed steps per layer (default 10 cuda, 3 cpu)")
+    ap.add_argument("--reps", type=int, default=None, help="timed steps per layer (default 10 cuda, 5 cpu)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--tokens", type=int, nargs="+", default=[512, 4096])
     ap.add_argument("--shapes", default="4096x4096,4096x11008")
@@ -185,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.child:
         child(args.child)
         return {}
-    reps = args.reps or (10 if args.device == "cuda" else 3)
+    reps = args.reps or (10 if args.device == "cuda" else 5)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     rows = []
     for n_in, n_out in shapes:
@@ -195,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
                 layers[impl] = setup(impl, n_in, n_out, tokens, args.device)
             times = {impl: [] for impl in IMPLS}
             for i in range(args.warmup + reps):
-                for impl in IMPLS:  # alternate, so drift in clocks/thermals hits all three alike
+                for impl in IMPLS:  # alternate, so drift in clocks/thermals hits all alike
                     layer, x, dy = layers[impl]
                     x.grad = None
                     sync(args.device)
@@ -216,6 +223,9 @@ def main(argv: list[str] | None = None) -> dict:
             row["speedup_vs_peft"] = row["peft_ms"] / row["ours_ms"]  # whole stack: our LoRA + our NF4
             row["speedup_vs_peft_same_base"] = row["peft_ms"] / row["ours_bnb_ms"]  # LoRA code alone
             row["speedup_fused_vs_plain"] = row["plain_bnb_ms"] / row["ours_bnb_ms"]
+            row["bound_vs_peft"] = row["peft_ms"] / row["base_bnb_ms"]  # a LoRA that cost nothing, on bnb's base
+            row["ours_lora_ms"] = row["ours_ms"] - row["base_ours_ms"]  # what the adapter adds, each stack
+            row["peft_lora_ms"] = row["peft_ms"] - row["base_bnb_ms"]
             for impl in ("ours", "ours_bnb"):
                 row[f"{impl}_saved_ratio_vs_peft"] = row[f"{impl}_saved_bytes"] / row["peft_saved_bytes"]
                 if not args.no_peak:
@@ -246,14 +256,17 @@ def print_row(row: dict, header: bool) -> None:
     if header:
         print("ms and MiB per step; ours = LoRALinear on quant.NF4Linear, ours_bnb / plain_bnb = LoRALinear / "
               "plain-autograd LoRA on bnb Linear4bit, peft = peft on bnb Linear4bit")
-        print(f"{'shape':>10} {'tokens':>6} | {'ours':>7} {'ours_bnb':>8} {'plain_bnb':>9} {'peft':>7} | "
-              f"{'x peft':>6} {'x peft same base':>16} | {'saved ours/ours_bnb/plain_bnb/peft':>34} | "
-              f"{'peak ours/ours_bnb/plain_bnb/peft':>33}")
-    ms = " ".join(f"{row[f'{i}_ms']:{w}.1f}" for i, w in zip(IMPLS, (7, 8, 9, 7)))
-    saved = "/".join(mib(f"{i}_saved_bytes") for i in IMPLS)
-    peak = "/".join(mib(f"{i}_peak_bytes") for i in IMPLS)
+        print("base_ours / base_bnb = the NF4 layer alone; bound = peft / base_bnb, the most any LoRA over bnb's "
+              "base could gain")
+        print(f"{'shape':>10} {'tokens':>6} | {'ours':>7} {'ours_bnb':>8} {'plain_bnb':>9} {'peft':>7} "
+              f"{'base_ours':>9} {'base_bnb':>8} | {'x peft':>6} {'x peft same base':>16} {'bound':>6} | "
+              f"{'saved ours/peft':>15} | {'peak ours/peft':>14}")
+    ms = " ".join(f"{row[f'{i}_ms']:{w}.1f}" for i, w in zip(IMPLS, (7, 8, 9, 7, 9, 8)))
+    saved = "/".join(mib(f"{i}_saved_bytes") for i in ("ours", "peft"))
+    peak = "/".join(mib(f"{i}_peak_bytes") for i in ("ours", "peft"))
     print(f"{row['shape']:>10} {row['tokens']:>6} | {ms} | {row['speedup_vs_peft']:5.2f}x "
-          f"{row['speedup_vs_peft_same_base']:15.2f}x | {saved:>34} | {peak:>33}", flush=True)
+          f"{row['speedup_vs_peft_same_base']:15.2f}x {row['bound_vs_peft']:5.2f}x | {saved:>15} | {peak:>14}",
+          flush=True)
 
 
 if __name__ == "__main__":

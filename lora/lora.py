@@ -45,17 +45,19 @@ from llama.checkpoint import hf_to_meta_key, meta_to_hf_key, permute_for_hf, unp
 PREFIX = "base_model.model."  # PEFT's prefix before the transformers module name
 
 
-def _drop_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """Bool mask, True where an element is dropped, each with probability _drop_codes(p) / 2^16 (p to 1e-5).
+def _keep_mask(shape: torch.Size, p: float, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """1 where an element is kept, 0 where it is dropped (probability _drop_codes(p) / 2^16, p to 1e-5), in `dtype`.
 
     The same seed draws the same mask, so the backward regenerates it instead of storing it. Each
     element compares 16 random bits with a threshold: one int64 draw feeds four elements, ~3x faster
-    than bernoulli_ on CPU (the RNG dominates there)."""
+    than bernoulli_ on CPU (the RNG dominates there). The comparison writes `dtype` directly and the
+    mask is applied by a multiply: on CPU 4x faster than a bool mask through where / masked_fill."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     n = shape.numel()
     bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device, generator=gen)
-    return (bits.view(torch.int16)[:n] < -2**15 + _drop_codes(p)).view(shape)
+    keep = torch.empty(shape, dtype=dtype, device=device)
+    return torch.ge(bits.view(torch.int16)[:n].view(shape), -2**15 + _drop_codes(p), out=keep)
 
 
 def _drop_codes(p: float) -> int:
@@ -71,7 +73,7 @@ class _LoRAFunction(torch.autograd.Function):
             dt = out.dtype
             x2 = x.reshape(-1, x.shape[-1]).to(dt)  # [N, in]
             if p > 0:
-                x2 = torch.where(_drop_mask(x2.shape, p, seed, x.device), 0, x2)  # one pass (masked_fill copies, then fills)
+                x2 = x2 * _keep_mask(x2.shape, p, seed, x.device, dt)
             h = x2 @ A.to(dt).T  # [N, r]
             if out._is_view():  # autograd cannot rebase an in-place custom op on a view: out of place
                 y = torch.addmm(out.reshape(-1, out.shape[-1]), h, B.to(dt).T, alpha=c).view(out.shape)
@@ -92,16 +94,16 @@ class _LoRAFunction(torch.autograd.Function):
             dt = h.dtype
             g2 = g.reshape(-1, g.shape[-1]).to(dt)  # [N, out]
             gh = (g2 @ B.to(dt)).mul_(c)  # [N, r]
-            drop = _drop_mask(torch.Size((h.shape[0], x.shape[-1])), p, ctx.seed, x.device) if p > 0 else None
+            keep = _keep_mask(torch.Size((h.shape[0], x.shape[-1])), p, ctx.seed, x.device, dt) if p > 0 else None
             if ctx.needs_input_grad[2]:
                 x2 = x.reshape(-1, x.shape[-1]).to(dt)
-                gA = (gh.T @ (torch.where(drop, 0, x2) if p > 0 else x2)).to(A.dtype)  # [r, in]
+                gA = (gh.T @ (x2 * keep if p > 0 else x2)).to(A.dtype)  # [r, in]
             if ctx.needs_input_grad[3]:
                 gB = (g2.T @ h).mul_(c).to(B.dtype)  # [out, r]
             if ctx.needs_input_grad[0]:
                 gx = gh @ A.to(dt)  # [N, in]
                 if p > 0:
-                    gx.masked_fill_(drop, 0)
+                    gx.mul_(keep)
                 gx = gx.to(x.dtype).view(x.shape)
         return gx, g, gA, gB, None, None, None
 

@@ -77,6 +77,25 @@ def test_dequantize_bit_exact_across_cpu_slices(shape, monkeypatch):
         assert torch.equal(quant.dequantize_nf4(packed, s), bnb_dense(packed, s, torch.bfloat16))
 
 
+def test_cpu_scratch_is_reused_and_never_escapes():
+    """The training-sized CPU products dequantize into one reused buffer per dtype: products of weights of
+    several shapes and dtypes, interleaved, each equal x @ W.T from bitsandbytes' dequantization, and an
+    earlier result is not overwritten by a later product."""
+    torch.manual_seed(0)
+    weights = [quantize(torch.randn(*shape).to(dt)) + (dt,)
+               for shape, dt in [((128, 64), torch.float32), ((256, 192), torch.float32), ((64, 128), torch.bfloat16)]]
+    results = []
+    for packed, s, dt in weights + weights[:1]:
+        x = torch.randn(40, s.shape[1], dtype=dt)  # M > 16: the scratch path
+        y = quant.nf4_matmul(x, packed, s, backend="torch")
+        results.append((y, y.clone(), x @ bnb_dense(packed, s, dt).t()))
+    for y, copy, ref in results:
+        assert torch.equal(y, copy)  # nothing later wrote into an earlier output
+        torch.testing.assert_close(y, ref)
+    bufs = quant.nf4._scratch.bufs
+    assert set(bufs) == {torch.float32, torch.bfloat16} and bufs[torch.float32].numel() == 256 * 192
+
+
 @pytest.mark.parametrize("sliced", [False, True])
 @pytest.mark.parametrize("M", [1, 3, 17])
 @pytest.mark.parametrize("shape", [(64, 128), (96, 200), (150, 128), (150, 200), (130, 7)])
