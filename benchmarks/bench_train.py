@@ -583,7 +583,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seq-len", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--tokens-per-step", type=int, default=2048, help="rows per step = this // seq-len (at least 1)")
-    ap.add_argument("--reps", type=int, default=None, help="timed steps per side (default 3 on cpu, 10 on cuda)")
+    ap.add_argument("--reps", type=int, default=None, help="timed steps per side (default 6 on cpu: shared CPUs are noisy, 10 on cuda)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps after step 0")
     ap.add_argument("--lora-dropout", type=float, default=0.05)
     ap.add_argument("--work-dir", default=None, help="checkpoint, adapter, batches, logs (default: a temp folder, reused)")
@@ -597,7 +597,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
     args.dtype = "bf16" if args.device == "cuda" else "fp32"
-    args.reps = args.reps or (10 if args.device == "cuda" else 3)
+    args.reps = args.reps or (10 if args.device == "cuda" else 6)
     for s in args.seq_len:
         if s < 16 or s > 4096:
             raise SystemExit(f"--seq-len {s}: expected 16..4096 (the checkpoint's max_position_embeddings)")
