@@ -227,7 +227,8 @@ def _cpu_scratch(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     n = shape.numel()
     if dtype not in bufs or bufs[dtype].numel() < n:
         bufs.pop(dtype, None)  # free the smaller one first
-        bufs[dtype] = torch.empty(n, dtype=dtype)
+        with torch.inference_mode(False):  # made under inference_mode it could never be written outside it
+            bufs[dtype] = torch.empty(n, dtype=dtype)
     return bufs[dtype][:n].view(shape)
 
 

@@ -96,6 +96,17 @@ def test_cpu_scratch_is_reused_and_never_escapes():
     assert set(bufs) == {torch.float32, torch.bfloat16} and bufs[torch.float32].numel() == 256 * 192
 
 
+def test_cpu_scratch_made_under_inference_mode_works_outside_it():
+    """train.py generates (inference_mode) before it trains: a buffer first made there must serve training."""
+    torch.manual_seed(0)
+    packed, s = quantize(torch.randn(4096, 64))  # larger than any weight the other tests put in the buffer
+    x = torch.randn(40, 64)
+    with torch.inference_mode():
+        quant.nf4_matmul(x, packed, s, backend="torch")
+    y = quant.nf4_matmul(x, packed, s, backend="torch")
+    torch.testing.assert_close(y, x @ bnb_dense(packed, s).t())
+
+
 @pytest.mark.parametrize("sliced", [False, True])
 @pytest.mark.parametrize("M", [1, 3, 17])
 @pytest.mark.parametrize("shape", [(64, 128), (96, 200), (150, 128), (150, 200), (130, 7)])
