@@ -107,6 +107,42 @@ def test_dropout_rate():
     assert abs(dropped - 0.05) < 0.004  # 102400 draws: 5 sigma is 0.0034
 
 
+@pytest.mark.parametrize("gaps", [True, False])  # CPU's drawn positions, CUDA's compared bits (run on CPU)
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_dropout_plan_is_independent_bernoulli(p, gaps):
+    """Against Bernoulli(q) with q = round(p * 2^16) / 2^16, within 5 sigma: the dropped fraction overall,
+    in each of 64 blocks and at each position mod 4 and mod 7 (a bias in the bit lanes or in the gap sampling
+    would show there); adjacent pairs dropped together (q^2) and runs of three (q^3): independence. The same
+    seed replays the same plan; another seed does not."""
+    from lora.lora import _drop_plan
+    n, seed = 1 << 20, 99
+    q = round(p * 2**16) / 2**16
+    plan = _drop_plan(n, p, seed, torch.device("cpu"), torch.float32, gaps=gaps)
+    if gaps:
+        assert plan.dtype == torch.int64 and (plan.diff() > 0).all() and 0 <= plan.min() and plan.max() < n
+        drop = torch.zeros(n, dtype=torch.bool)
+        drop[plan] = True
+    else:
+        assert set(plan.unique().tolist()) == {0.0, 1.0}
+        drop = plan == 0
+
+    def near(observed: torch.Tensor, prob: float, trials: int):
+        sigma = (prob * (1 - prob) / trials) ** 0.5
+        assert (observed.double() - prob).abs().max() < 5 * sigma, (observed, prob)
+
+    near(drop.double().mean(), q, n)
+    near(drop.view(64, -1).double().mean(1), q, n // 64)
+    for m in (4, 7):
+        near(drop[: n - n % m].view(-1, m).double().mean(0), q, n // m)
+    near((drop[:-1] & drop[1:]).double().mean(), q * q, n)
+    near((drop[:-2] & drop[1:-1] & drop[2:]).double().mean(), q ** 3, n)
+
+    again = _drop_plan(n, p, seed, torch.device("cpu"), torch.float32, gaps=gaps)
+    assert torch.equal(plan, again)
+    other = _drop_plan(n, p, seed + 1, torch.device("cpu"), torch.float32, gaps=gaps)
+    assert other.shape != plan.shape or not torch.equal(plan, other)
+
+
 def test_bf16_autocast_and_bf16_base():
     torch.manual_seed(0)
     base = nn.Linear(32, 24, bias=False).requires_grad_(False)
