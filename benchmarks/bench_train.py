@@ -45,7 +45,9 @@ warm-up. Peak memory: CUDA, torch.cuda.max_memory_allocated over the timed steps
 peak RSS (VmHWM) over the timed steps, reset after step 0 (the optimizer state exists by then) once
 freed heap pages have been returned (malloc_trim), so the figure is the steady training peak, not the
 load. "above imports" subtracts the RSS the process had after its imports (train.py's for ours; torch +
-transformers + peft + bitsandbytes for HF). /proc/loadavg is recorded around each pair.
+transformers + peft + bitsandbytes for HF). /proc/loadavg is recorded around each pair. Both processes get
+train.py's process settings (`train.PROCESS_ENV`: MKL's strict reproducibility and c10's transparent huge
+pages for CPU tensors), so the baseline gets the same allocator; set THP_MEM_ALLOC_ENABLE=0 to run both without.
 
 Output: a markdown table on stdout, results/bench_train_<size>_<device>.json, and a PNG bar chart when
 matplotlib is installed.
@@ -319,7 +321,7 @@ def child(spec: dict) -> None:
     autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32 \
         else torch.autocast(device.type, enabled=False)
     reply(ready=True, setup_s=time.perf_counter() - t0, rss_imports=rss_imports,
-          trainable=sum(p.numel() for p in params))
+          trainable=sum(p.numel() for p in params), env={k: os.environ.get(k) for k in process_env()})
 
     def step(dump: str | None = None) -> dict:
         sync()
@@ -370,13 +372,22 @@ def child(spec: dict) -> None:
             return
 
 
+def process_env() -> dict[str, str]:
+    """train.py's process settings (MKL_CBWR, THP_MEM_ALLOC_ENABLE), given to both sides alike: the HF
+    baseline gets the same allocator, so the ratios measure the code. A value set in this environment wins
+    (THP_MEM_ALLOC_ENABLE=0 measures both without huge pages)."""
+    from train import PROCESS_ENV
+    return {k: os.environ.get(k, v) for k, v in PROCESS_ENV.items()}
+
+
 class Child:
     """A configuration's process: JSON commands in, JSON replies out; stderr goes to a log file."""
 
     def __init__(self, spec: dict, log: Path):
         self.log = log
         self.proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, cwd=ROOT)
+                                     stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, cwd=ROOT,
+                                     env={**os.environ, **process_env()})
 
     def ask(self, op: str, **kw) -> dict:
         self.proc.stdin.write(json.dumps(dict(op=op, **kw)) + "\n")
@@ -442,7 +453,7 @@ def run_pair(mode: str, seq_len: int, args, work: Path, batch_file: Path, tokens
             if "error" in r:
                 raise RuntimeError(f"{impl} {mode} failed to start: {r['error']}")
             row[f"{impl}_setup_s"], row[f"{impl}_rss_imports"] = r["setup_s"], r["rss_imports"]
-            row[f"{impl}_trainable"] = r["trainable"]
+            row[f"{impl}_trainable"], row[f"{impl}_env"] = r["trainable"], r["env"]
         # ---- step 0: the same computation, or stop
         step0 = {}
         for impl, c in children.items():
@@ -530,7 +541,8 @@ def table(result: dict) -> str:
              f"{result['dtype']}, torch {result['torch']}, {result['date']}; {result['tokens_per_step']} tokens/step, "
              f"median of {result['reps']} steps after {result['warmup'] + 1} warm-up; LoRA r {R}, alpha {ALPHA}, "
              f"dropout {result['lora_dropout']}, 7 projections; peak = "
-             + ("peak RSS of the process during the timed steps" if cpu else "torch.cuda.max_memory_allocated"), "",
+             + ("peak RSS of the process during the timed steps" if cpu else "torch.cuda.max_memory_allocated")
+             + "; both sides run with " + " ".join(f"{k}={v}" for k, v in result.get("process_env", {}).items()), "",
              "| seq | mode | ours tok/s | HF tok/s | speed ours/HF | ours peak MiB | HF peak MiB | mem ours/HF |"
              + (" mem ours/HF above imports |" if cpu else "") + " step-0 \\|Δloss\\| | grad err | load avg |",
              "|---:|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if cpu else "") + "---:|---:|---|"]
@@ -612,6 +624,7 @@ def main(argv: list[str] | None = None) -> dict:
               "tokens_per_step": args.tokens_per_step, "reps": args.reps, "warmup": args.warmup,
               "lora_dropout": args.lora_dropout, "r": R, "alpha": ALPHA, "rows": []}
     result["commit"] = git_commit()
+    result["process_env"] = process_env()
     result["versions"] = {}
     for pkg in ("transformers", "peft", "bitsandbytes"):
         try:

@@ -119,7 +119,10 @@ class _SwiGLUFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         a, b = ctx.saved_tensors
-        ga = torch.ops.aten.silu_backward(g * b, a) if ctx.needs_input_grad[0] else None
+        ga = None
+        if ctx.needs_input_grad[0]:  # written over g * b: one fresh [tokens, hidden] tensor, not two
+            gab = g * b
+            ga = torch.ops.aten.silu_backward.grad_input(gab, a, grad_input=gab)
         gb = F.silu(a).mul_(g) if ctx.needs_input_grad[1] else None
         return ga, gb
 

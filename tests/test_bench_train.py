@@ -3,6 +3,7 @@ Hugging Face stack's (transformers + peft, + bitsandbytes for QLoRA) compute the
 passes for every mode at --size tiny (the reference is transformers/peft/bitsandbytes run by the benchmark
 itself), and it stops the run when the two sides differ. No timing is asserted."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -41,6 +42,12 @@ def test_step0_parity_every_mode(work, tmp_path):
     assert rows["lora"]["loss0_ours"] != rows["qlora"]["loss0_ours"]
     saved = json.loads((out / "bench_train_tiny_cpu.json").read_text())
     assert [r["mode"] for r in saved["rows"]] == [r["mode"] for r in result["rows"]]
+    # both processes ran under train.py's process settings (the same allocator for the baseline)
+    import train
+    want = {k: os.environ.get(k, v) for k, v in train.PROCESS_ENV.items()}
+    assert saved["process_env"] == want and set(want) == {"MKL_CBWR", "THP_MEM_ALLOC_ENABLE"}
+    for r in saved["rows"]:
+        assert r["ours_env"] == r["hf_env"] == want
 
 
 def test_parity_check_stops_a_different_computation(work, tmp_path):
