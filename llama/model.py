@@ -196,10 +196,10 @@ class Attention(nn.Module):
             if rep > 1:
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             if isinstance(mask, list):  # packed rows: causal attention inside each document's span
-                # unbind/split, not q[b:b+1, :, s:e]: their backward is one stack/cat per tensor, where each
-                # slice's backward fills a zero tensor of q's full size and adds it in (~8% of a LoRA step)
+                # split, not q[b:b+1, :, s:e]: split's backward is one cat per tensor, where each slice's
+                # backward fills a zero tensor of q's full size and adds it in (~8% of a LoRA step). Rows are
+                # split to [1, H, T, D], not unbound: CPU's flash kernel takes 4-d inputs (3-d goes to math SDPA)
                 sdpa = F.scaled_dot_product_attention
-                # (split along the batch too: CPU's flash kernel takes 4-d inputs only, 3-d goes to the math path)
                 out = torch.cat([torch.cat([sdpa(qd, kd, vd, is_causal=True) for qd, kd, vd in
                                             zip(*(t.split([e - s for s, e in spans], dim=2) for t in qkv))], dim=2)
                                  for qkv, spans in zip(zip(q.split(1), k.split(1), v.split(1)), mask)])  # (B, H, T, D)
