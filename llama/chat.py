@@ -22,6 +22,13 @@ system message may only come first. B = bos, E = eos:
           ### Response:\\n" then "{reply}" E. A system message replaces the opening sentence. Stanford's
           prompt ends at "### Response:"; the newline keeps the reply's first token a clean SentencePiece token.
 
+Each template also exists as a Jinja string (`CHAT_TEMPLATES`, written beside its renderer) that
+`save_tokenizer_files` puts in `tokenizer_config.json`: Hugging Face's `apply_chat_template` and llama.cpp
+render it to text, and that text, tokenized the Hugging Face way (special-token text such as "<s>" becomes its
+id; each piece of text between special tokens gets SentencePiece's dummy-prefix space), gives exactly
+`encode_chat`'s ids. The BOS is in the template text; `add_bos_token` is on for plain text, and llama.cpp drops
+a BOS the text starts with before it adds its own, so there is one BOS either way.
+
 The separator that would follow the last message is left off (open-instruct strips the text the same way).
 With `add_generation_prompt` the ids end where the model's next reply starts ("[/INST]", "<|assistant|>\\n",
 ...), so a prompt is always a prefix of the ids the same dialog gets when the reply is there.
@@ -33,7 +40,10 @@ Meta's per-exchange `encode` and Hugging Face's "legacy" Llama tokenizer do). Th
 SentencePiece piece straddles the boundary (never for these templates with Llama's vocabulary, since each
 reply starts with a space or follows a newline) the straddling token counts as reply.
 """
-from .tokenizer import Tokenizer
+import json
+from pathlib import Path
+
+from .tokenizer import Tokenizer, hf_tokenizer_json
 
 TEMPLATES = ("llama2", "chatml", "tulu", "oasst", "alpaca")
 ROLES = ("system", "user", "assistant")
@@ -131,7 +141,29 @@ def _validate(messages: list[dict], template: str, add_generation_prompt: bool) 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Templates: messages -> segments (text or token id, trained).
+# Templates: messages -> segments (text or token id, trained), and each one's Jinja twin. A Jinja template
+# sees the raw messages, so it repeats what `_validate` does to a message's text: strip it (llama2 strips
+# later, where Meta does), and append a non-blank "input" after a blank line (alpaca gives it a section).
+
+_CONTENT = ("{%- set content = message['content'] -%}"
+            "{%- if message['input'] is defined and message['input'] is string and message['input'] | trim -%}"
+            "{%- set content = content + '\\n\\n' + message['input'] | trim -%}{%- endif -%}")
+_STRIPPED = _CONTENT.replace("message['content']", "message['content'] | trim")
+
+
+LLAMA2_JINJA = (
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set system = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set system = '' -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- for message in turns -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('llama2: after an optional system message, turns must alternate user/assistant, "
+    "starting with user') }}{%- endif -%}" + _CONTENT +
+    "{%- if loop.index0 % 2 == 0 -%}"
+    "{{ bos_token + '[INST] ' + ((system if loop.first else '') + content) | trim + ' [/INST]' }}"
+    "{%- else -%}{{ ' ' + content | trim + ' ' + eos_token }}{%- endif -%}"
+    "{%- endfor -%}"
+)
 
 
 def _llama2(tok: Tokenizer, msgs: list[dict], gen: bool) -> list[Segment]:
@@ -153,6 +185,18 @@ def _joined(bos: int, bodies: list[list[Segment]], gen_prompt: list[Segment] | N
     return segs + ([("\n", False)] + gen_prompt if gen_prompt else [])
 
 
+def _joined_jinja(body: str, gen_prompt: str) -> str:
+    """Jinja for `_joined`: bos, the bodies `body` emits (each after "\\n" but the first), the generation prompt."""
+    return ("{{- bos_token -}}{%- set ns = namespace(sep='') -%}{%- for message in messages -%}" + _STRIPPED + body +
+            "{%- endfor -%}{%- if add_generation_prompt -%}{{ '\\n" + gen_prompt + "' }}{%- endif -%}")
+
+
+CHATML_JINJA = _joined_jinja(
+    "{%- if message['role'] != 'system' or content -%}"
+    "{{ ns.sep + '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>' }}{%- set ns.sep = '\\n' -%}"
+    "{%- endif -%}", "<|im_start|>assistant\\n")
+
+
 def _chatml(tok: Tokenizer, msgs: list[dict], gen: bool) -> list[Segment]:
     start, end = _special_id(tok, IM_START, "chatml"), _special_id(tok, IM_END, "chatml")
     bodies = []
@@ -164,6 +208,13 @@ def _chatml(tok: Tokenizer, msgs: list[dict], gen: bool) -> list[Segment]:
     return _joined(tok.bos_id, bodies, [(start, False), ("assistant\n", False)] if gen else None)
 
 
+TULU_JINJA = _joined_jinja(
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ ns.sep + '<|assistant|>\\n' + content + eos_token }}{%- set ns.sep = '\\n' -%}"
+    "{%- elif content -%}{{ ns.sep + '<|' + message['role'] + '|>\\n' + content }}{%- set ns.sep = '\\n' -%}"
+    "{%- endif -%}", "<|assistant|>\\n")
+
+
 def _tulu(tok: Tokenizer, msgs: list[dict], gen: bool) -> list[Segment]:
     bodies = []
     for m in msgs:
@@ -172,6 +223,13 @@ def _tulu(tok: Tokenizer, msgs: list[dict], gen: bool) -> list[Segment]:
         elif m["content"]:
             bodies.append([(f"<|{m['role']}|>\n{m['content']}", False)])
     return _joined(tok.bos_id, bodies, [("<|assistant|>\n", False)] if gen else None)
+
+
+OASST_JINJA = _joined_jinja(
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ ns.sep + '### Assistant: ' + content + eos_token }}{%- set ns.sep = '\\n' -%}"
+    "{%- elif content -%}{{ ns.sep + '### ' + message['role'] | capitalize + ': ' + content }}"
+    "{%- set ns.sep = '\\n' -%}{%- endif -%}", "### Assistant:")
 
 
 def _oasst(tok: Tokenizer, msgs: list[dict], gen: bool) -> list[Segment]:
@@ -185,6 +243,25 @@ def _oasst(tok: Tokenizer, msgs: list[dict], gen: bool) -> list[Segment]:
     return _joined(tok.bos_id, bodies, [("### Assistant:", False)] if gen else None)
 
 
+assert "'" not in ALPACA_INTRO + ALPACA_INTRO_INPUT  # they go into Jinja string literals below
+ALPACA_JINJA = (
+    "{%- if messages[0]['role'] == 'system' -%}{%- set intro = messages[0]['content'] | trim -%}"
+    "{%- set turns = messages[1:] -%}{%- else -%}{%- set intro = '' -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- if not turns or turns[0]['role'] != 'user' or turns | length > 2 "
+    "or (turns | length == 2 and turns[1]['role'] != 'assistant') -%}"
+    "{{ raise_exception('alpaca is single-turn: one user message and at most one assistant reply after an "
+    "optional system message') }}{%- endif -%}"
+    "{%- set message = turns[0] -%}"
+    "{%- set input = message['input'] | trim if message['input'] is defined and message['input'] is string "
+    "else '' -%}"
+    f"{{%- if not intro -%}}{{%- set intro = '{ALPACA_INTRO_INPUT}' if input else '{ALPACA_INTRO}' -%}}{{%- endif -%}}"
+    "{{ bos_token + intro + '\\n\\n### Instruction:\\n' + message['content'] | trim + '\\n\\n' }}"
+    "{%- if input -%}{{ '### Input:\\n' + input + '\\n\\n' }}{%- endif -%}"
+    "{{ '### Response:\\n' }}"
+    "{%- if turns | length == 2 -%}{{ turns[1]['content'] | trim + eos_token }}{%- endif -%}"
+)
+
+
 def _alpaca(tok: Tokenizer, msgs: list[dict], gen: bool) -> list[Segment]:
     system = msgs[0]["content"] if msgs[0]["role"] == "system" and msgs[0]["content"] else None
     user, *reply = [m for m in msgs if m["role"] != "system"]
@@ -194,6 +271,10 @@ def _alpaca(tok: Tokenizer, msgs: list[dict], gen: bool) -> list[Segment]:
         prompt += f"### Input:\n{user['input']}\n\n"
     segs: list[Segment] = [(tok.bos_id, False), (prompt + "### Response:\n", False)]
     return segs + ([(reply[0]["content"], True), (tok.eos_id, True)] if reply else [])
+
+
+CHAT_TEMPLATES = {"llama2": LLAMA2_JINJA, "chatml": CHATML_JINJA, "tulu": TULU_JINJA, "oasst": OASST_JINJA,
+                  "alpaca": ALPACA_JINJA}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -230,3 +311,58 @@ def _encode_segments(tok: Tokenizer, segs: list[Segment]) -> tuple[list[int], li
     if run:
         flush()
     return ids, mask
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Export: the files Hugging Face tooling and llama.cpp's converter read beside a tokenizer.
+
+
+def _token_entry(content: str) -> dict:
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+            "special": True}
+
+
+def save_tokenizer_files(tokenizer: Tokenizer, folder: str | Path, template: str, model: bool,
+                         max_length: int = 4096) -> list[str]:
+    """Write `tokenizer` into `folder` with what loads it elsewhere, the chat `template` it was trained with
+    included, and return the names of the files written.
+
+    tokenizer.model (+ added_tokens.json when there are added tokens): ours, and llama.cpp's converter reads
+    them. tokenizer.json: the same tokenizer for Hugging Face `tokenizers` (when `hf_tokenizer_json` can
+    restate it exactly). tokenizer_config.json: BOS added to plain text, no EOS, the special and added tokens,
+    `chat_template` (this template in Jinja) and `model_max_length`. special_tokens_map.json. With `model`
+    (a folder holding weights), generation_config.json: bos id and every stop id of the template as eos."""
+    _check_template(template)
+    folder = Path(folder)
+    tokenizer.save(folder)
+    sp = tokenizer.sp
+    bos, eos, unk = (sp.id_to_piece(i) for i in (tokenizer.bos_id, tokenizer.eos_id, sp.unk_id()))
+    decoder = {i: _token_entry(sp.id_to_piece(i)) for i in range(sp.vocab_size()) if sp.is_control(i) or sp.is_unknown(i)}
+    decoder.update({i: _token_entry(t) for t, i in tokenizer.special_tokens.items()})
+    added = [t for t, i in sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1])]
+    files = {}
+    hf_json = hf_tokenizer_json(tokenizer)
+    if hf_json is not None:
+        files["tokenizer.json"] = hf_json
+    elif (folder / "tokenizer.json").exists():  # a stale one would not match this tokenizer
+        (folder / "tokenizer.json").unlink()
+    files["tokenizer_config.json"] = {
+        # with tokenizer.json, transformers uses it as written (PreTrainedTokenizerFast); without it,
+        # transformers' LlamaTokenizer converts tokenizer.model, and "legacy" keeps the dummy-prefix space
+        # on every piece of text between special tokens, as `Tokenizer.encode` does
+        "tokenizer_class": "PreTrainedTokenizerFast" if hf_json is not None else "LlamaTokenizer",
+        "legacy": True, "add_bos_token": True, "add_eos_token": False,
+        "bos_token": bos, "eos_token": eos, "unk_token": unk, "pad_token": None,
+        "added_tokens_decoder": {str(i): e for i, e in sorted(decoder.items())},
+        "additional_special_tokens": added,
+        "chat_template": CHAT_TEMPLATES[template],
+        "model_max_length": max_length, "clean_up_tokenization_spaces": False,
+    }
+    special_map = {k: {x: v for x, v in _token_entry(t).items() if x != "special"}
+                   for k, t in (("bos_token", bos), ("eos_token", eos), ("unk_token", unk))}
+    files["special_tokens_map.json"] = {**special_map, **({"additional_special_tokens": added} if added else {})}
+    if model:
+        files["generation_config.json"] = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stop_ids(tokenizer, template)}
+    for name, content in files.items():
+        (folder / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
+    return ["tokenizer.model"] + (["added_tokens.json"] if added else []) + list(files)
