@@ -51,7 +51,7 @@ import torch.nn.functional as F
 import lora
 import quant
 from llama import Tokenizer, load_model, save_model
-from llama.chat import TEMPLATES, encode_chat, required_special_tokens, stop_ids
+from llama.chat import TEMPLATES, encode_chat, required_special_tokens, save_tokenizer_files, stop_ids
 from llama.checkpoint import CheckpointError, find_tokenizer
 from llama.generate import generate
 from llama.model import resize_embeddings
@@ -924,11 +924,10 @@ def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
     if cfg.full:
         plain = full_state_model(model, dist_ctx)
         if dist_ctx.rank == 0:
-            save_model(plain, out / "model", layout="meta", tokenizer=tok_file(cfg))
-            tokenizer.save(out / "model")
+            save_model(plain, out / "model", layout="meta", tokenizer=tokenizer, template=cfg.template)
     elif dist_ctx.rank == 0:
         lora.save_adapter(model, out / "adapter")
-        tokenizer.save(out / "adapter")
+        save_tokenizer_files(tokenizer, out / "adapter", cfg.template, model=False, max_length=model.args.max_seq_len)
     if gen_eval:
         items = read_gen_eval(cfg.gen_eval)
         after = exact_match(model, tokenizer, items, cfg.template, device)
@@ -938,8 +937,7 @@ def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
             print_gen_eval(items, before, after)
     if cfg.merge and not cfg.full and dist_ctx.rank == 0:
         lora.merge_lora(model)
-        save_model(model, out / "merged", layout=cfg.merge_layout, tokenizer=tok_file(cfg))
-        tokenizer.save(out / "merged")
+        save_model(model, out / "merged", layout=cfg.merge_layout, tokenizer=tokenizer, template=cfg.template)
         print(f"merged model ({cfg.merge_layout} layout) written to {out / 'merged'}")
     if dist_ctx.rank == 0:
         plot_loss(out)
@@ -947,11 +945,6 @@ def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
         print(f"done: {step} steps; outputs in {out}", flush=True)
     dist_ctx.barrier()
     return result
-
-
-def tok_file(cfg: TrainConfig) -> str | None:
-    p = find_tokenizer(cfg.ckpt)
-    return str(p) if p else None
 
 
 def print_stats(stats: dict) -> None:

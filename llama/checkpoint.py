@@ -39,6 +39,8 @@ from sentencepiece import SentencePieceProcessor
 from torch import Tensor, nn
 
 from .model import ModelArgs, Transformer
+from .chat import save_tokenizer_files
+from .tokenizer import Tokenizer
 
 
 class CheckpointError(ValueError):
@@ -437,23 +439,31 @@ def hf_config(args: ModelArgs, intermediate_size: int, dtype: torch.dtype) -> di
     }
 
 
-def save_model(model: Transformer, path: str | Path, layout: str = "meta", tokenizer: str | Path | None = None,
-               max_shard_size: int = 5 * 10**9) -> Path:
+def save_model(model: Transformer, path: str | Path, layout: str = "meta",
+               tokenizer: str | Path | Tokenizer | None = None, max_shard_size: int = 5 * 10**9,
+               template: str | None = None) -> Path:
     """Write `model` as a Meta folder (consolidated.00.pth + params.json) or a Hugging Face folder
     (config.json + model.safetensors, split into model-0000k-of-0000n.safetensors + an index past
-    max_shard_size bytes), in the dtype of its embedding. `tokenizer` (a tokenizer.model or its folder) is
-    copied in, with the added_tokens.json beside it. Written to a temporary folder and renamed into place,
-    so a crash never leaves a half-written `path` (an existing `path` is replaced)."""
+    max_shard_size bytes), in the dtype of its embedding. `tokenizer` (a tokenizer.model or its folder, or a
+    `Tokenizer`) goes in too, with its added tokens; with the chat `template` it was trained on, also the
+    files Hugging Face tooling and llama.cpp's converter read (`llama.chat.save_tokenizer_files`:
+    tokenizer.json, tokenizer_config.json with the Jinja chat_template, special_tokens_map.json,
+    generation_config.json). Written to a temporary folder and renamed into place, so a crash never leaves a
+    half-written `path` (an existing `path` is replaced)."""
     if layout not in ("meta", "hf"):
         raise ValueError(f"save_model: layout must be 'meta' or 'hf', got {layout!r}")
+    if template is not None and tokenizer is None:
+        raise ValueError("save_model: a chat template is written with a tokenizer; pass tokenizer= too")
     path = Path(path)
     tok_files: list[Path] = []
-    if tokenizer is not None:
+    if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
         tok = Path(tokenizer)
         tok = tok / "tokenizer.model" if tok.is_dir() else tok
         if not tok.is_file():
             raise ValueError(f"save_model: tokenizer {tok} does not exist")
         tok_files = [tok] + ([tok.parent / "added_tokens.json"] if (tok.parent / "added_tokens.json").is_file() else [])
+        if template is not None:
+            tokenizer, tok_files = Tokenizer(tok), []
 
     tensors = _export_tensors(model)
     dtype = model.tok_embeddings.weight.dtype
@@ -471,8 +481,13 @@ def save_model(model: Transformer, path: str | Path, layout: str = "meta", token
             hidden = tensors["layers.0.feed_forward.w1.weight"][1][0]
             (tmp / "config.json").write_text(json.dumps(hf_config(model.args, hidden, dtype), indent=2))
             _save_hf_weights(tensors, model.args, dtype, tmp, max_shard_size)
-        for f in tok_files:
-            shutil.copyfile(f, tmp / f.name)
+        for f in tok_files:  # the SentencePiece file is tokenizer.model whatever its name was
+            shutil.copyfile(f, tmp / (f.name if f.name == "added_tokens.json" else "tokenizer.model"))
+        if isinstance(tokenizer, Tokenizer):
+            if template is None:
+                tokenizer.save(tmp)
+            else:
+                save_tokenizer_files(tokenizer, tmp, template, model=True, max_length=model.args.max_seq_len)
         if path.exists():  # a rename cannot replace a non-empty folder: move the old one aside first
             old = path.parent / f".{path.name}.old-{os.getpid()}"
             path.rename(old)
