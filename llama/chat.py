@@ -337,7 +337,8 @@ def save_tokenizer_files(tokenizer: Tokenizer, folder: str | Path, template: str
     tokenizer.save(folder)
     sp = tokenizer.sp
     bos, eos, unk = (sp.id_to_piece(i) for i in (tokenizer.bos_id, tokenizer.eos_id, sp.unk_id()))
-    decoder = {i: _token_entry(sp.id_to_piece(i)) for i in range(sp.vocab_size()) if sp.is_control(i) or sp.is_unknown(i)}
+    decoder = {i: _token_entry(sp.id_to_piece(i)) for i in range(sp.vocab_size())
+               if sp.is_control(i) or sp.is_unknown(i)}
     decoder.update({i: _token_entry(t) for t, i in tokenizer.special_tokens.items()})
     added = [t for t, i in sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1])]
     files = {}
@@ -362,7 +363,8 @@ def save_tokenizer_files(tokenizer: Tokenizer, folder: str | Path, template: str
                    for k, t in (("bos_token", bos), ("eos_token", eos), ("unk_token", unk))}
     files["special_tokens_map.json"] = {**special_map, **({"additional_special_tokens": added} if added else {})}
     if model:
-        files["generation_config.json"] = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stop_ids(tokenizer, template)}
+        files["generation_config.json"] = {"bos_token_id": tokenizer.bos_id,
+                                           "eos_token_id": stop_ids(tokenizer, template)}
     for name, content in files.items():
         (folder / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
     return ["tokenizer.model"] + (["added_tokens.json"] if added else []) + list(files)

@@ -16,8 +16,8 @@ caller's job.
 Hugging Face tooling loads an exported folder without converting `tokenizer.model` itself (transformers 5
 needs protobuf for that). SentencePiece BPE and `tokenizers` BPE agree when the merges are ranked by the score
 of the piece they make, which is how SentencePiece picks the next merge; the normalizer (dummy-prefix space,
-spaces as "▁") is restated as `tokenizers` normalizers, which run on each piece of text between special
-tokens, as `encode` does.
+spaces as "▁", and extra spaces removed when the model does that) is restated as `tokenizers` normalizers,
+which run on each piece of text between special tokens, as `encode` does.
 """
 import json
 import re
@@ -183,12 +183,13 @@ def hf_tokenizer_json(tok: Tokenizer) -> dict | None:
     sp = tok.sp
     model = _proto_fields(sp.serialized_model_proto())
     # ModelProto: 1 pieces (each: 3 type, 4 = user-defined), 2 TrainerSpec (3 model_type, 2 = BPE; 35
-    # byte_fallback), 3 NormalizerSpec (1 name, 3 add_dummy_prefix, 4 remove_extra_whitespaces; both default on)
+    # byte_fallback), 3 NormalizerSpec (1 name, 3 add_dummy_prefix, 4 remove_extra_whitespaces,
+    # 5 escape_whitespaces; all three default on)
     trainer = dict(_proto_fields(next((v for f, v in model if f == 2), b"")))
     norm = dict(_proto_fields(next((v for f, v in model if f == 3), b"")))
     user_defined = any(dict(_proto_fields(v)).get(3) == 4 for f, v in model if f == 1)
     if (trainer.get(3) != 2 or trainer.get(35) != 1 or norm.get(1, b"") != b"identity" or norm.get(3, 1) != 1
-            or user_defined):
+            or norm.get(5, 1) != 1 or user_defined):
         return None
     n = sp.vocab_size()
     kinds = [("control" if sp.is_control(i) else "unknown" if sp.is_unknown(i) else "byte" if sp.is_byte(i)
@@ -203,7 +204,8 @@ def hf_tokenizer_json(tok: Tokenizer) -> dict | None:
             if left in mergeable and right in mergeable:
                 ranked.append((-sp.get_score(i), i, mergeable[left], mergeable[right], left, right))
     ranked.sort()
-    normalizers = [{"type": "Prepend", "prepend": SPACE}, {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}]
+    normalizers = [{"type": "Prepend", "prepend": SPACE},
+                   {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}]
     if norm.get(4, 1):  # remove_extra_whitespaces: no leading or trailing spaces, runs of spaces collapse to one
         normalizers = [{"type": "Replace", "pattern": {"Regex": "\\A +| +\\z"}, "content": ""},
                        {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}] + normalizers

@@ -6,6 +6,7 @@ and transformers loads them; llama.cpp's gguf-py reads the template and add_bos_
 References: SentencePiece itself for plain text; transformers' Jinja rendering and `tokenizers` for the chat
 side (encode_chat's llama2 is checked against Meta's chat_completion in test_tokenizer_chat.py)."""
 import json
+import random
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ DIALOGS = {  # name: (messages, with a generation prompt too)
     "multi-turn prompt": ([U1, A1, U2], True), "empty system": ([{"role": "system", "content": ""}, U1, A1], False),
     "input": ([INPUT, A1], False), "input prompt": ([INPUT], True),
 }
-TEXTS = ["Hello world", " leading space", "  two leading spaces", "trailing  ", "a\n\nb\tc", "naïve café 日本語 🦙",
+TEXTS = ["Hello world", " leading space", "  two leading spaces", "trailing  ", "a\n\nb\tc", "naïve 日本語 🦙",
          "[INST] <<SYS>>\nhi\n<</SYS>>\n\n", "x" * 40, ""]
 
 
@@ -91,10 +92,15 @@ def test_plain_text_is_bos_plus_sentencepiece_ids(llama2_tokenizer_path, tmp_pat
     for text in TEXTS:
         assert hf(text)["input_ids"] == [1] + sp.encode(text), repr(text)
         assert hf(text, add_special_tokens=False)["input_ids"] == sp.encode(text), repr(text)
+    rng = random.Random(0)  # random text: BPE merges, byte fallback and whitespace handling agree everywhere
+    alphabet = ["the", "ing", "a", "b", " ", " ", "  ", "\n", "\t", ".", ",", "é", "日", "🦙", "\u200b", "Hello", "x"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30))) for _ in range(500)]
+    assert hf(texts, add_special_tokens=False)["input_ids"] == [sp.encode(t) for t in texts]
     text = "The quick brown fox: naïve café, 日本語 🦙."
     assert hf.decode(hf(text)["input_ids"], skip_special_tokens=True) == text
     cfg = json.loads((folder / "tokenizer_config.json").read_text())
-    assert cfg["add_bos_token"] is True and cfg["add_eos_token"] is False and cfg["chat_template"] == CHAT_TEMPLATES["llama2"]
+    assert cfg["add_bos_token"] is True and cfg["add_eos_token"] is False
+    assert cfg["chat_template"] == CHAT_TEMPLATES["llama2"]
     assert (hf.bos_token, hf.eos_token, hf.unk_token, hf.pad_token) == ("<s>", "</s>", "<unk>", None)
 
 
