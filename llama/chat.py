@@ -228,7 +228,7 @@ def _tulu(tok: Tokenizer, msgs: list[dict], gen: bool) -> list[Segment]:
 OASST_JINJA = _joined_jinja(
     "{%- if message['role'] == 'assistant' -%}"
     "{{ ns.sep + '### Assistant: ' + content + eos_token }}{%- set ns.sep = '\\n' -%}"
-    "{%- elif content -%}{{ ns.sep + '### ' + message['role'] | capitalize + ': ' + content }}"
+    "{%- elif content -%}{{ ns.sep + ('### System: ' if message['role'] == 'system' else '### User: ') + content }}"
     "{%- set ns.sep = '\\n' -%}{%- endif -%}", "### Assistant:")
 
 

@@ -174,6 +174,9 @@ def test_train_writes_the_files_each_folder_needs(trained):
         assert cfg["model_max_length"] == 4096  # Llama 2's context (a Meta params.json does not record it)
     gen = json.loads((trained / "merged" / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [2, 32001]
+    hf = transformers.AutoTokenizer.from_pretrained(trained / "adapter")  # vLLM reads an adapter's tokenizer
+    ours = Tokenizer(trained / "adapter" / "tokenizer.model")
+    assert hf_chat_ids(hf, [U1, A1, U2], True) == encode_chat(ours, [U1, A1, U2], "chatml", True)[0]
 
 
 def test_transformers_loads_the_merged_folder(trained):
@@ -191,12 +194,21 @@ def test_transformers_loads_the_merged_folder(trained):
     assert out[0, :len(ids)].tolist() == ids and len(ids) < out.shape[1] <= len(ids) + 3
 
 
-def test_gguf_reads_template_and_bos(trained):
+def test_gguf_takes_template_and_bos(trained, tmp_path):
     """llama.cpp's converter takes the chat template, add_bos_token/add_eos_token and the special token ids
-    from gguf-py's SpecialVocab(folder); it must find ours in merged/."""
+    from gguf-py's SpecialVocab(folder) and writes them with SpecialVocab.add_to_gguf: from our merged/ they
+    must arrive in the GGUF's tokenizer.* fields."""
     gguf = pytest.importorskip("gguf", reason="gguf (llama.cpp's gguf-py, PyPI 'gguf') is not installed")
     n_vocab = json.loads((trained / "merged" / "config.json").read_text())["vocab_size"]
     sv = gguf.SpecialVocab(trained / "merged", n_vocab=n_vocab)
-    assert sv.chat_template == CHAT_TEMPLATES["chatml"]
-    assert sv.add_special_token["bos"] is True and sv.add_special_token["eos"] is False
-    assert sv.special_token_ids["bos"] == 1 and sv.special_token_ids["eos"] == 2 and sv.special_token_ids["unk"] == 0
+    writer = gguf.GGUFWriter(tmp_path / "vocab.gguf", "llama")
+    sv.add_to_gguf(writer, quiet=True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    fields = gguf.GGUFReader(tmp_path / "vocab.gguf").fields
+    assert fields["tokenizer.chat_template"].contents() == CHAT_TEMPLATES["chatml"]
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is True
+    assert fields["tokenizer.ggml.add_eos_token"].contents() is False
+    assert [fields[f"tokenizer.ggml.{t}_token_id"].contents() for t in ("bos", "eos", "unknown")] == [1, 2, 0]
