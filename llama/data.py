@@ -23,6 +23,7 @@ import gzip
 import io
 import itertools
 import json
+import math
 import re
 import zlib
 from collections.abc import Iterator, Sequence
@@ -31,6 +32,7 @@ from pathlib import Path
 from .chat import validate_dialog
 
 DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
+JSON_CHUNK = 1 << 20  # characters of a .json array read at a time
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -111,7 +113,7 @@ def _json_array_rows(path: Path, f) -> Iterator[tuple[int, object]]:
     """Rows of a JSON array, decoded one element at a time from a growing text buffer."""
     text = io.TextIOWrapper(f, encoding="utf-8")
     decoder = json.JSONDecoder()
-    buf, pos, n, eof, chunk = "", 0, 0, False, 1 << 20
+    buf, pos, n, eof, chunk = "", 0, 0, False, JSON_CHUNK
 
     def more() -> bool:
         nonlocal buf, pos, eof
@@ -385,8 +387,10 @@ def _oasst_node(row: dict, where: str, required: tuple[str, ...], ident: str = "
     if not isinstance(row["text"], str):
         raise DataError(f"{where}: {what}: 'text' is {type(row['text']).__name__}, not a string")
     rank = row.get("rank")
-    if rank is not None and not isinstance(rank, int):
-        raise DataError(f"{where}: {what}: rank {rank!r} is not an integer")
+    if isinstance(rank, float) and math.isnan(rank):  # a null rank after a trip through pandas
+        rank = None
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, float))):
+        raise DataError(f"{where}: {what}: rank {rank!r} is not a number")
     return {"id": row["message_id"], "role": row["role"], "text": row["text"], "lang": row.get("lang"),
             "rank": rank, "dropped": bool(row.get("deleted")) or bool(row.get("synthetic")),
             "review_result": row.get("review_result"), "where": where, "replies": []}
@@ -404,7 +408,7 @@ def oasst_tree_node(row: dict, where: str) -> dict:
         replies = m.get("replies") or []
         if not isinstance(replies, list):
             raise DataError(f"{where}: OpenAssistant message {n['id']}: 'replies' must be a list")
-        n["replies"] = _rank_order([node(r, f"{depth}.{i}") for i, r in enumerate(replies)])
+        n["replies"] = _rank_order([node(r, f"{path}.{i}") for i, r in enumerate(replies)])
         return n
 
     root = node(row["prompt"], "prompt")
