@@ -465,7 +465,7 @@ def oasst_dialogs(root: dict, top_k: int = 0, langs: Sequence[str] | None = None
     """The dialogs of one tree (see the rules above), depth first."""
     if root["tree_state"] is not None and root["tree_state"] != "ready_for_export":
         return
-    if not root["review_result"] or (langs is not None and root["lang"] not in langs):
+    if not root["review_result"] or (langs and root["lang"] not in langs):  # None or empty: every language
         return
     if root["role"] != "prompter":
         raise DataError(f"{root['where']}: OpenAssistant tree {root['tree_id']} starts with an {root['role']} "

@@ -308,6 +308,7 @@ def test_oasst_threads(oasst_path):
 def test_oasst_languages_and_top_k(oasst_path):
     assert dialogs(oasst_path, oasst_lang=["en", "de"]) == [T1, T2, T3, T4, T5, T6]
     assert dialogs(oasst_path, oasst_lang=["fr"]) == []  # C failed review
+    assert dialogs(oasst_path, oasst_lang=()) == [T1, T2, T3, T4, T5, T6, T7]  # none given: all
     assert dialogs(oasst_path, oasst_top_k=1) == [T1, T6, T7]
     assert dialogs(oasst_path, oasst_top_k=2) == [T1, T2, T3, T6, T7]
     assert dialogs(oasst_path, oasst_top_k=2, oasst_lang=["es"]) == [T7]
