@@ -32,6 +32,7 @@ from pathlib import Path
 from .chat import validate_dialog
 
 DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, which some editors put first in a file
 JSON_CHUNK = 1 << 20  # characters of a .json array read at a time
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -88,8 +89,7 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict]]:
     n = 0
     try:
         with (gzip.open(path, "rb") if name.endswith(".gz") else open(path, "rb")) as f:
-            head = f.read(4096)
-            start = head.lstrip()[:1]
+            start = f.read(4096).removeprefix(BOM).lstrip()[:1]
             f.seek(0)
             if start == b"[":
                 for n, row in _json_array_rows(path, f):
@@ -99,7 +99,7 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict]]:
                 if not line.strip():
                     continue
                 try:
-                    yield n, json.loads(line.decode("utf-8"))
+                    yield n, json.loads(line.decode("utf-8-sig" if n == 1 else "utf-8"))
                 except UnicodeDecodeError as e:
                     raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line)")
                 except json.JSONDecodeError as e:
@@ -111,7 +111,7 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict]]:
 
 def _json_array_rows(path: Path, f) -> Iterator[tuple[int, object]]:
     """Rows of a JSON array, decoded one element at a time from a growing text buffer."""
-    text = io.TextIOWrapper(f, encoding="utf-8")
+    text = io.TextIOWrapper(f, encoding="utf-8-sig")
     decoder = json.JSONDecoder()
     buf, pos, n, eof, chunk = "", 0, 0, False, JSON_CHUNK
 
@@ -290,6 +290,8 @@ def text_to_messages(text, where: str, text_as_lm: bool = False) -> list[dict] |
     if not isinstance(text, str):
         raise DataError(f"{where}: 'text' must be a string, got {type(text).__name__}")
     s = _untag(text, head=True)
+    if not s:
+        raise DataError(f"{where}: the text is empty")
     form = next((f for marker, f in TEXT_FORMS.items() if s.startswith(marker)), None)
     if form is None:
         if text_as_lm:

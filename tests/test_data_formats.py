@@ -114,6 +114,15 @@ def test_rows_are_streamed(tmp_path):
         next(rows)
 
 
+def test_byte_order_mark(tmp_path):
+    """Some editors start UTF-8 files with a byte order mark."""
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps(TULU_ROWS[0]).encode() + b"\n")
+    q = tmp_path / "d.json"
+    q.write_bytes(b"\xef\xbb\xbf" + json.dumps(TULU_ROWS[:1]).encode())
+    assert dialogs(p) == dialogs(q) == TULU_DIALOGS[:1]
+
+
 def test_data_files_of_a_folder(tmp_path):
     d = tmp_path / "snap"
     (d / "data").mkdir(parents=True)
@@ -174,6 +183,7 @@ def test_text_without_markers(tmp_path):
     ("[INST] <<SYS>>\nsys\n q [/INST] a", "never closes it with <</SYS>>"),
     ("<|im_start|>bot\nhi<|im_end|>", "ChatML block 1 has role 'bot'"),
     ("### Human: q### Assistant:   ", "message 1 (assistant) has empty content"),
+    (" <s> ", "the text is empty"),
 ])
 def test_bad_text_rows(tmp_path, text, expect):
     p = write_jsonl(tmp_path / "t.jsonl", [{"text": text}])
