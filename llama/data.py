@@ -455,7 +455,8 @@ def link_oasst_messages(nodes: dict[str, dict]) -> list[dict]:
             raise DataError(f"{first['where']}: OpenAssistant tree {tree_id} has no root message (one without "
                             "'parent_id'): its rows lack 'parent_id' or the parent links form a loop")
     for n in nodes.values():
-        n["replies"] = _rank_order(n["replies"])
+        if len(n["replies"]) > 1:
+            n["replies"] = _rank_order(n["replies"])
     return list(roots.values())
 
 
