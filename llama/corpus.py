@@ -641,6 +641,6 @@ def show_samples(split: Split, tokenizer: Tokenizer, n: int, color: bool = False
     parts = []
     for i in range(min(n, len(split))):
         ids, mask = split.sample(i)
-        parts.append(f"--- sample {i}: {len(ids)} tokens, {int(np.asarray(mask).sum())} trained "
-                     f"({'green' if color else '[[...]]'} = trained)\n{render_sample(tokenizer, ids, mask, color)}")
+        parts.append(f"--- sample {i}: {len(ids)} tokens, {int(np.asarray(mask).sum())} trained, marked "
+                     f"{'in green' if color else 'by double brackets'}\n{render_sample(tokenizer, ids, mask, color)}")
     return "\n".join(parts)
