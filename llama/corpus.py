@@ -383,8 +383,8 @@ def _prepare(data, tokenizer, tmp: Path, opts: DataOptions, workers: int, progre
             d.mkdir()
             with _write_npy(d / "ids.npy", np.int32, int(offsets[-1])) as oi, \
                     _write_npy(d / "mask.npy", np.uint8, int(offsets[-1])) as om:
-                for a in range(0, len(sel), 4096):
-                    block = sel[a: a + 4096]
+                for a in range(0, len(sel), 1024):
+                    block = sel[a: a + 1024]
                     oi.write(b"".join(os.pread(fi.fileno(), 4 * int(cat["kept"][i]), 4 * int(start[i])) for i in block))
                     om.write(b"".join(os.pread(fm.fileno(), int(cat["kept"][i]), int(start[i])) for i in block))
             np.save(d / "offsets.npy", offsets)
