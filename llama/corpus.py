@@ -84,11 +84,17 @@ def tokenizer_sha256(tokenizer: Tokenizer) -> str:
 
 def corpus_key(data: list[str], tokenizer: Tokenizer, opts: DataOptions) -> dict:
     """The sources (file names, sizes and content hashes, fractions), the tokenizer's hash and the options."""
+    # The whole content is hashed, not size + mtime (a copy or an edit in place keeps those) nor sampled blocks
+    # (a changed row in between would go unseen): streamed sha256 runs at disk/memory speed, and the files
+    # are hashed in threads (hashlib releases the GIL), so a sharded hub folder takes about its largest file.
+    from concurrent.futures import ThreadPoolExecutor
+    specs = [(parse_data_spec(spec), data_files(parse_data_spec(spec)[0])) for spec in data]
+    with ThreadPoolExecutor(resolve_workers(0)) as ex:
+        hashes = [list(ex.map(file_sha256, files)) for _, files in specs]
     sources = []
-    for spec in data:
-        path, fraction = parse_data_spec(spec)
-        files = [{"name": f.name, "bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in data_files(path)]
-        sources.append({"path": str(path), "fraction": fraction, "files": files})
+    for ((path, fraction), files), sha in zip(specs, hashes):
+        sources.append({"path": str(path), "fraction": fraction,
+                        "files": [{"name": f.name, "bytes": f.stat().st_size, "sha256": h} for f, h in zip(files, sha)]})
     return {"version": VERSION, "sources": sources, "tokenizer_sha256": tokenizer_sha256(tokenizer),
             **dataclasses.asdict(opts), "oasst_lang": list(opts.oasst_lang)}
 
