@@ -693,8 +693,7 @@ def train(cfg: TrainConfig) -> dict:
     except (UserError, CheckpointError, DataError):
         # bad input leaves no trace: an --out this run created (holding at most the prepared corpus) goes again
         out = Path(cfg.out)
-        if fresh and dist_ctx.rank == 0 and out.is_dir() and all(p.name in PREPARED for p in out.iterdir()) \
-                and not cfg.prepare_data:
+        if fresh and dist_ctx.rank == 0 and out.is_dir() and all(p.name in PREPARED for p in out.iterdir()):
             shutil.rmtree(out, ignore_errors=True)
         raise
     finally:

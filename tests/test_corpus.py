@@ -68,16 +68,22 @@ def test_arrays_equal_encode_chat_in_shuffled_order(tmp_path, tok):
     assert isinstance(splits["train"].ids, np.memmap) and isinstance(splits["train"].mask, np.memmap)
 
 
-def test_worker_count_does_not_change_the_arrays(tmp_path, tok, monkeypatch):
+@pytest.mark.parametrize("template", ["llama2", "chatml"])
+def test_worker_count_does_not_change_the_arrays(tmp_path, monkeypatch, template):
     monkeypatch.setattr(corpus, "CHUNK_ROWS", 16)  # many chunks, so several workers really share the work
+    tok = Tokenizer(str(DEMO_TOK))
+    if template == "chatml":  # added tokens: each worker must give them the caller's ids
+        tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
     p = write_jsonl(tmp_path / "d.jsonl", dialogs(200))
     q = write_jsonl(tmp_path / "e.jsonl", dialogs(90, seed=1))
-    opts = corpus.DataOptions(seq_len=128, val_split=0.1, max_val=15, seed=3, overlong="drop")
+    opts = corpus.DataOptions(template=template, seq_len=128, val_split=0.1, max_val=15, seed=3, overlong="drop")
     metas = []
     for w in (1, 2, 3):
         metas.append(corpus.prepare_corpus([f"{p}:0.8", str(q)], tok, tmp_path / f"w{w}", opts, workers=w,
                                            progress=False))
     assert metas[0]["stats"]["total"]["skipped"]  # the drop filter did something
+    if template == "chatml":
+        assert tok.special_tokens["<|im_end|>"] in np.load(tmp_path / "w1" / "train" / "ids.npy")
     for w in (2, 3):
         assert metas[w - 1] == metas[0]
         for split in ("train", "val"):

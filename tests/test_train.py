@@ -65,6 +65,8 @@ def test_cli_errors_exit_2_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "d.jsonl:1: not valid JSON" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+    rc = train.main(["--data", str(p), "--out", str(tmp_path / "o"), "--prepare-data"])
+    assert rc == 2 and "d.jsonl:1: not valid JSON" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_fraction_val_split_and_stats(tmp_path, tok):
