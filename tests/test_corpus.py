@@ -221,3 +221,37 @@ def test_prepared_folder_trains_like_raw_files(tmp_path, tiny_train_ckpt):
     assert [(m["loss"], m.get("eval_loss")) for m in lines[0]] == [(m["loss"], m.get("eval_loss")) for m in lines[1]]
     assert any("eval_loss" in m for m in lines[0])
     assert not (tmp_path / "run" / "data").exists()
+
+
+def oasst_rows(n_trees: int) -> list[dict]:
+    """OASST message rows (the `*.messages.jsonl` schema): tree k = a prompt with two ranked replies, so two
+    threads per tree."""
+    rows = []
+    for k in range(n_trees):
+        common = {"message_tree_id": f"t{k}", "lang": "en", "review_result": True, "deleted": False,
+                  "synthetic": False, "tree_state": "ready_for_export"}
+        rows.append({"message_id": f"m{k}", "role": "prompter", "text": f"Question number {k}?", **common})
+        for r in range(2):
+            rows.append({"message_id": f"m{k}r{r}", "parent_id": f"m{k}", "role": "assistant", "rank": r,
+                         "text": f"Answer {r} to question {k}.", **common})
+    return rows
+
+
+def trees_of(split, tok) -> list[int]:
+    return [int(re.search(r"Question number (\d+)", tok.decode(split.sample(i)[0].tolist())).group(1))
+            for i in range(len(split))]
+
+
+def test_val_split_and_fraction_draw_whole_oasst_trees(tmp_path, tok):
+    p = write_jsonl(tmp_path / "oasst.messages.jsonl", oasst_rows(40))
+    corpus.prepare_corpus([str(p)], tok, tmp_path / "c", corpus.DataOptions(seq_len=128, val_split=0.3, seed=1),
+                          workers=1, progress=False)
+    _, splits = corpus.open_corpus(tmp_path / "c", tok)
+    train_trees, val_trees = trees_of(splits["train"], tok), trees_of(splits["val"], tok)
+    assert not set(train_trees) & set(val_trees)  # no tree on both sides
+    assert sorted(train_trees + val_trees) == sorted(list(range(40)) * 2)  # both threads of every tree
+    assert len(val_trees) == 24  # int(80 samples * 0.3) = 24: whole trees of two threads until that is reached
+    corpus.prepare_corpus([f"{p}:0.5"], tok, tmp_path / "h", corpus.DataOptions(seq_len=128), workers=1,
+                          progress=False)
+    half = trees_of(corpus.open_corpus(tmp_path / "h", tok)[1]["train"], tok)
+    assert len(set(half)) == 20 and sorted(half) == sorted(list(set(half)) * 2)  # half the trees, whole
