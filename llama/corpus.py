@@ -32,6 +32,7 @@ import time
 from bisect import bisect_left, insort
 from collections import deque
 from dataclasses import dataclass
+from itertools import chain, islice
 from pathlib import Path
 
 import numpy as np
@@ -191,23 +192,15 @@ def _tokenized(chunks, tokenizer: Tokenizer, opts: DataOptions, workers: int):
     """Encoded chunks in input order. With several workers, at most 2 per worker are in flight (memory
     stays bounded whatever the corpus size); a single chunk is encoded here without starting any."""
     chunks = iter(chunks)
-    first = next(chunks, None)
-    if first is None:
-        return
-    second = next(chunks, None)
-    if workers <= 1 or second is None:
-        yield _encode_chunk(first, opts, tokenizer)
-        if second is not None:
-            yield _encode_chunk(second, opts, tokenizer)
-            for c in chunks:
-                yield _encode_chunk(c, opts, tokenizer)
+    head = list(islice(chunks, 2))
+    if workers <= 1 or len(head) < 2:
+        for c in chain(head, chunks):
+            yield _encode_chunk(c, opts, tokenizer)
         return
     # fork where the platform has it (no re-import of the caller's modules); the functions are spawn-safe too
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer.path), dict(tokenizer.special_tokens))) as pool:
-        pending: deque = deque()
-        pending.append(pool.apply_async(_encode_chunk, (first, opts)))
-        pending.append(pool.apply_async(_encode_chunk, (second, opts)))
+        pending = deque(pool.apply_async(_encode_chunk, (c, opts)) for c in head)
         while True:
             try:
                 while len(pending) < 2 * workers:

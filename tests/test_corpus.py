@@ -255,3 +255,13 @@ def test_val_split_and_fraction_draw_whole_oasst_trees(tmp_path, tok):
                           progress=False)
     half = trees_of(corpus.open_corpus(tmp_path / "h", tok)[1]["train"], tok)
     assert len(set(half)) == 20 and sorted(half) == sorted(list(set(half)) * 2)  # half the trees, whole
+
+
+def test_text_rows_as_language_modelling(tmp_path, tok):
+    p = write_jsonl(tmp_path / "t.jsonl", [{"text": "Once upon a time there was a cat."}])
+    corpus.prepare_corpus([str(p)], tok, tmp_path / "c", corpus.DataOptions(seq_len=128, text_as_lm=True),
+                          workers=1, progress=False)
+    a = read_split(tmp_path / "c")
+    want = tok.encode("Once upon a time there was a cat.", bos=True, eos=True)  # every token trained
+    assert a["ids"].tolist() == want and a["mask"].tolist() == [1] * len(want)
+    assert a["targets"].tolist() == [len(want) - 1]
