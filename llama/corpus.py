@@ -282,11 +282,11 @@ def prepare_corpus(data: list[str], tokenizer: Tokenizer, dest: Path, opts: Data
 
 def _prepare(data, tokenizer, tmp: Path, opts: DataOptions, workers: int, progress: bool, key: dict) -> dict:
     # 1) every sample of every source, tokenized in file order, appended to flat temp files
-    per: dict[str, list] = {k: [] for k in ("kept", "full", "status", "trained", "targets", "source", "group")}
+    per: dict[str, list] = {k: [] for k in ("kept", "full", "status", "trained", "targets", "group")}
     show = _Progress(progress)
     rows = tokens = 0
     with open(tmp / "all_ids.bin", "wb") as fi, open(tmp / "all_mask.bin", "wb") as fm:
-        for s, spec in enumerate(data):
+        for spec in data:
             path, _ = parse_data_spec(spec)
             groups: dict[str, int] = {}
             group_of: list[int] = []
@@ -301,13 +301,12 @@ def _prepare(data, tokenizer, tmp: Path, opts: DataOptions, workers: int, progre
                 fm.write(r["mask"].tobytes())
                 for k in ("kept", "full", "status", "trained", "targets"):
                     per[k].append(r[k])
-                per["source"].append(np.full(len(r["kept"]), s, np.int32))
                 rows += len(r["kept"])
                 tokens += len(r["ids"])
                 show(rows, tokens)
             per["group"].append(np.array(group_of, np.int64))
     show(rows, tokens, done=True)
-    cat = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in per.items()}
+    cat = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in per.items() if k != "group"}
     start = np.zeros(len(cat["kept"]) + 1, np.int64)  # where each sample's kept tokens are in the temp files
     np.cumsum(cat["kept"], out=start[1:])
 
@@ -319,42 +318,39 @@ def _prepare(data, tokenizer, tmp: Path, opts: DataOptions, workers: int, progre
     first = 0
     for s, spec in enumerate(data):
         path, fraction = parse_data_spec(spec)
-        n = int((cat["source"] == s).sum())
-        group = per["group"][s]
-        idx = np.arange(first, first + n)
-        first += n
-        n_groups = int(group.max()) + 1 if n else 0
+        group = per["group"][s]  # group index of each of the source's samples, numbered by first appearance
+        n_groups = int(group.max()) + 1 if len(group) else 0
         perm = list(range(n_groups))
         rng.shuffle(perm)
-        perm = perm[: max(1, round(n_groups * fraction))] if n_groups else perm
-        by_group = np.argsort(group, kind="stable")  # samples of group g: by_group[g_start[g]:g_start[g + 1]]
+        chosen = np.array(perm[: max(1, round(n_groups * fraction))] if n_groups else perm, np.int64)
+        size = np.bincount(group, minlength=n_groups)
         g_start = np.zeros(n_groups + 1, np.int64)
-        np.cumsum(np.bincount(group, minlength=n_groups), out=g_start[1:])
-        chosen = [idx[by_group[g_start[g]: g_start[g + 1]]] for g in perm]
-        picked = sum(len(c) for c in chosen)
-        n_val = min(opts.max_val, int(picked * opts.val_split))
+        np.cumsum(size, out=g_start[1:])
+        by_group = np.argsort(group, kind="stable")  # samples of group g: by_group[g_start[g]:g_start[g + 1]]
+        lens = size[chosen]
+        ends = np.cumsum(lens)
+        at = np.repeat(g_start[chosen] - (ends - lens), lens) + np.arange(int(ends[-1]) if len(ends) else 0)
+        picked = first + by_group[at]  # the chosen groups' samples, group after group
+        first += len(group)
+        n_val = min(opts.max_val, int(len(picked) * opts.val_split))
+        in_val = np.repeat(ends - lens < n_val, lens)  # whole groups until n_val samples are held out
+        status = cat["status"][picked]
         st = _empty_stats()
-        st["rows"] = picked
-        held = 0
-        for c in chosen:
-            split = "val" if held < n_val else "train"
-            held += len(c) if split == "val" else 0
-            status = cat["status"][c]
-            for code, why in enumerate(SKIP_REASONS, 1):
-                k = int((status == code).sum())
-                if k:
-                    st["skipped"][why] = st["skipped"].get(why, 0) + k
-            ok = c[status == 0]
-            if not len(ok):
+        st["rows"] = len(picked)
+        for code, why in enumerate(SKIP_REASONS, 1):
+            if (k := int((status == code).sum())):
+                st["skipped"][why] = k
+        for split, sel in (("train", picked[(status == 0) & ~in_val]), ("val", picked[(status == 0) & in_val])):
+            if not len(sel):
                 continue
-            order[split].append(ok)
-            lens = cat["kept"][ok]
-            st["accepted" if split == "train" else "val"] += len(ok)
-            st["truncated"] += int((cat["full"][ok] > lens).sum())
-            st["tokens"] += int(lens.sum())
-            st["trained_tokens"] += int(cat["trained"][ok].sum())
-            st["min_tokens"] = int(lens.min()) if st["min_tokens"] is None else min(st["min_tokens"], int(lens.min()))
-            st["max_tokens"] = max(st["max_tokens"], int(lens.max()))
+            order[split].append(sel)
+            kept = cat["kept"][sel]
+            st["accepted" if split == "train" else "val"] += len(sel)
+            st["truncated"] += int((cat["full"][sel] > kept).sum())
+            st["tokens"] += int(kept.sum())
+            st["trained_tokens"] += int(cat["trained"][sel].sum())
+            st["min_tokens"] = int(kept.min()) if st["min_tokens"] is None else min(st["min_tokens"], int(kept.min()))
+            st["max_tokens"] = max(st["max_tokens"], int(kept.max()))
         stats["files"][str(path)] = _finish_stats(st)
     files = list(stats["files"].values())
     total = {k: sum(f[k] for f in files) for k in ("rows", "accepted", "val", "truncated", "tokens", "trained_tokens")}
