@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -726,6 +727,13 @@ def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
     stats["padding_fraction"] = round(1 - stats["packing_efficiency"], 4)
     stats["train_samples"], stats["val_samples"] = len(train_split), len(val_split) if val_split is not None else 0
     stats["corpus"] = str(folder)
+    stats["corpus_key_sha256"] = hashlib.sha256(json.dumps(meta["key"], sort_keys=True).encode()).hexdigest()
+    if cfg.resume and (out / "data_stats.json").exists():  # also a prepared folder given as --data
+        trained_on = json.loads((out / "data_stats.json").read_text()).get("corpus_key_sha256")
+        if trained_on not in (None, stats["corpus_key_sha256"]):
+            raise UserError(f"--resume: the corpus {folder} is not the one {out} trained on (its meta.json key "
+                            "differs from the one recorded in data_stats.json); resume with that corpus, or start "
+                            "a new run")
     if dist_ctx.rank == 0:
         print_stats(stats)
         if cfg.show_samples:

@@ -221,6 +221,11 @@ def test_prepared_folder_trains_like_raw_files(tmp_path, tiny_train_ckpt):
     assert [(m["loss"], m.get("eval_loss")) for m in lines[0]] == [(m["loss"], m.get("eval_loss")) for m in lines[1]]
     assert any("eval_loss" in m for m in lines[0])
     assert not (tmp_path / "run" / "data").exists()
+    # the folder prepared again with another seed: a --resume of that run refuses it
+    assert train.main(common + ["--data", str(raw), "--out", str(tmp_path / "prep"), "--prepare-data",
+                                "--seed", "1"]) == 0
+    assert train.main(common + ["--data", str(tmp_path / "prep" / "data"), "--out", str(tmp_path / "run"),
+                                "--resume"]) == 2
 
 
 def oasst_rows(n_trees: int) -> list[dict]:
