@@ -3,8 +3,9 @@
 Read top to bottom, it is the pipeline:
 
     data files -> dialogs -> chat template -> tokenized corpus on disk (OUT/data, llama.corpus)
-    -> row plans packing it into rows of --seq-len -> micro-batches built when drawn -> model (Meta checkpoint -> NF4 quantize while loading -> LoRA) -> AdamW steps
-    -> eval -> checkpoints -> PEFT adapter (and optionally a merged model)
+    -> row plans packing it into rows of --seq-len -> micro-batches built when drawn
+    -> model (Meta checkpoint -> NF4 quantize while loading -> LoRA) -> AdamW steps -> eval
+    -> checkpoints -> PEFT adapter (and optionally a merged model)
 
 The loss is next-token cross-entropy on assistant tokens only, averaged over every trained token of
 an optimizer step (all micro-batches together), so gradient accumulation and packing do not change
@@ -473,6 +474,32 @@ def load_state(file: Path) -> dict:
                               f"containers are loaded, never code): {first}") from None
 
 
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    """Unpickles only what torch.distributed.checkpoint's .metadata holds (its metadata dataclasses, torch.Size,
+    dtypes, layouts, paths): dcp.load reads that file with plain pickle, so it is checked this way first."""
+
+    def find_class(self, module: str, name: str):
+        obj = super().find_class(module, name)
+        ok = (module.startswith("torch.distributed.checkpoint.") and isinstance(obj, type)) \
+            or (module == "torch" and (name == "Size" or isinstance(obj, torch.dtype))) \
+            or (module == "torch.serialization" and name == "_get_layout") \
+            or (module == "pathlib" and name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")) \
+            or (module == "collections" and name == "OrderedDict")
+        if not ok:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+        return obj
+
+
+def check_dcp_metadata(file: Path) -> None:
+    """CheckpointError unless `file` unpickles to nothing but checkpoint metadata (no code can run)."""
+    try:
+        with open(file, "rb") as f:
+            _DCPMetadataUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{file}: not checkpoint metadata this program wrote (only metadata classes are "
+                              f"unpickled, never code): {e}") from None
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -522,6 +549,7 @@ def load_checkpoint(ck: Path, model, opt, dist_ctx: "Dist") -> int:
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
         msd, osd = get_state_dict(model, opt)
         sd = {"model": msd, "optimizer": osd}
+        check_dcp_metadata(ck / "dcp" / ".metadata")  # dcp.load unpickles it; the tensors it loads weights_only
         dcp.load(sd, checkpoint_id=str(ck / "dcp"))
         set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
         set_rng_state(load_state(ck / f"rng-rank{dist_ctx.rank}.pt")["rng"])
@@ -740,6 +768,7 @@ def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
             print(corpus.show_samples(train_split, tokenizer, cfg.show_samples, color=sys.stdout.isatty()), flush=True)
     if cfg.prepare_data:
         if dist_ctx.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
             (out / "data_stats.json").write_text(json.dumps(stats, indent=2))
             say(f"data prepared in {folder}; train with the same flags and --out {out} (it is reused), "
                 f"or pass --data {folder}", flush=True)

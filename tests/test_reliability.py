@@ -4,11 +4,14 @@ uninterrupted one bit for bit; SIGTERM saves first; non-finite steps are skipped
 checked; the data loader survives fuzzing."""
 import json
 import os
+import pickle
 import random
+import re
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +191,28 @@ def test_tampered_checkpoint_state_does_not_run_code(tmp_path, ckpt, capsys):
     assert not marker.exists() and str(state) in err and err.startswith("error: ") and "Traceback" not in err
     torch.load(state, weights_only=False)  # the file really carries the callable: loading it unsafely runs it
     assert marker.exists()
+
+
+def test_fsdp_checkpoint_metadata_is_checked_before_dcp_unpickles_it(tmp_path):
+    """FSDP checkpoints go through torch.distributed.checkpoint, whose .metadata is a plain pickle: a real one
+    passes train.check_dcp_metadata, one carrying a callable is refused without running it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4, dtype=torch.bfloat16)).float().sum().backward()
+    opt.step()
+    msd, osd = get_state_dict(model, opt)
+    with warnings.catch_warnings():  # no process group: dcp says it saves as one process
+        warnings.simplefilter("ignore")
+        dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp_path / "dcp"))
+    meta = tmp_path / "dcp" / ".metadata"
+    train.check_dcp_metadata(meta)
+    marker = tmp_path / "code-ran"
+    meta.write_bytes(pickle.dumps(_RunsCode(marker)))
+    with pytest.raises(train.CheckpointError, match=re.escape(f"{meta}: not checkpoint metadata")):
+        train.check_dcp_metadata(meta)
+    assert not marker.exists()
 
 
 def test_sigterm_saves_then_resume_equals_uninterrupted(tmp_path, ckpt):
