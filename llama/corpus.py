@@ -387,7 +387,8 @@ def _prepare(data, tokenizer, tmp: Path, opts: DataOptions, workers: int, progre
             pack_rows, pack_samples = pack_plan(lens, opts.seq_len)
             np.save(d / "pack_rows.npy", pack_rows)
             np.save(d / "pack_samples.npy", pack_samples)
-            splits[name] = {"samples": len(sel), "tokens": int(offsets[-1]), "packed_rows": len(pack_rows) - 1}
+            splits[name] = {"samples": len(sel), "tokens": int(offsets[-1]), "packed_rows": len(pack_rows) - 1,
+                            "packing_efficiency": round(int(offsets[-1]) / ((len(pack_rows) - 1) * opts.seq_len), 4)}
     (tmp / "all_ids.bin").unlink()
     (tmp / "all_mask.bin").unlink()
     meta = {"format": "llama2-sft tokenized corpus", "key": key, "stats": stats, "splits": splits}
