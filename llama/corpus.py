@@ -108,10 +108,6 @@ def key_difference(a: dict, b: dict) -> list[str]:
     return (["data files"] if content(a) != content(b) else []) + diff
 
 
-def same_key(a: dict, b: dict) -> bool:
-    return not key_difference(a, b)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Tokenization: chunks of dialogs -> numpy arrays, in worker processes.
 
