@@ -521,9 +521,9 @@ def build_batch(split: Split, rows: Rows, which, seq_len: int, pad_id: int) -> d
 
 
 def is_prepared(path: Path) -> bool:
-    """Whether `path` is a folder written by prepare_corpus (meta.json + train/)."""
+    """Whether `path` is a folder written by prepare_corpus (meta.json + train/ids.npy)."""
     path = Path(path)
-    return path.is_dir() and (path / "meta.json").is_file() and (path / "train").is_dir()
+    return path.is_dir() and (path / "meta.json").is_file() and (path / "train" / "ids.npy").is_file()
 
 
 def read_meta(folder: Path) -> dict:
