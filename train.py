@@ -2,9 +2,10 @@
 
 Read top to bottom, it is the pipeline:
 
-    data files -> messages -> chat template -> (ids, mask) -> pack into rows of --seq-len
-    -> model (Meta checkpoint -> NF4 quantize while loading -> LoRA) -> AdamW steps
-    -> eval -> checkpoints -> PEFT adapter (and optionally a merged model)
+    data files -> dialogs -> chat template -> tokenized corpus on disk (OUT/data, llama.corpus)
+    -> row plans packing it into rows of --seq-len -> micro-batches built when drawn
+    -> model (Meta checkpoint -> NF4 quantize while loading -> LoRA) -> AdamW steps -> eval
+    -> checkpoints -> PEFT adapter (and optionally a merged model)
 
 The loss is next-token cross-entropy on assistant tokens only, averaged over every trained token of
 an optimizer step (all micro-batches together), so gradient accumulation and packing do not change
@@ -12,21 +13,23 @@ what is optimised: a packed batch gives the same loss as its documents run one b
 
     python train.py                                 # the bundled demo: QLoRA on a tiny Llama, CPU
     python train.py --ckpt llama-2-7b --data chats.jsonl --quant nf4
+    python train.py --prepare-data --ckpt llama-2-7b --data chats.jsonl --out out/run   # tokenize only
     python train.py --chat --ckpt llama-2-7b --adapter out/run/adapter
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
 import sys
 import time
-from bisect import bisect_left, insort
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,9 +53,10 @@ import torch.nn.functional as F
 
 import lora
 import quant
-from llama import Tokenizer, load_model, save_model
+from llama import Tokenizer, corpus, load_model, save_model
 from llama.chat import TEMPLATES, encode_chat, required_special_tokens, save_tokenizer_files, stop_ids
 from llama.checkpoint import CheckpointError, find_tokenizer
+from llama.data import DataError, read_dialogs
 from llama.generate import generate
 from llama.model import resize_embeddings
 
@@ -67,7 +71,7 @@ DEMO = ROOT / "demo"
 @dataclass
 class TrainConfig:
     ckpt: str = str(DEMO / "tiny-llama")  # Meta folder (consolidated.*.pth + params.json) or HF folder
-    data: list[str] = field(default_factory=lambda: [str(DEMO / "data" / "train.jsonl")])  # path[:fraction] ...
+    data: list[str] = field(default_factory=lambda: [str(DEMO / "data" / "train.jsonl")])  # path[:fraction] ... or one prepared folder
     template: str = "llama2"  # llama2 | chatml | tulu | oasst | alpaca
     out: str = "out/run"
     overwrite: bool = False  # reuse an --out that holds another run
@@ -91,6 +95,12 @@ class TrainConfig:
     val_split: float = 0.0  # fraction of each file held out for eval
     max_val: int = 1000  # cap on held-out samples per file
     min_assistant_tokens: int = 1  # drop samples with fewer trained tokens
+    oasst_top_k: int = 0  # OASST threads whose assistant replies all rank below K (0: every thread)
+    oasst_lang: str = ""  # comma-separated OASST languages to keep, e.g. en,de ("": all)
+    text_as_lm: bool = False  # {"text"} rows without chat markers train on the whole text (plain language modelling)
+    prepare_data: bool = False  # tokenize --data into OUT/data and exit (loads only the tokenizer)
+    data_workers: int = 0  # tokenizer processes (0: one per core)
+    show_samples: int = 0  # print this many prepared samples with the trained spans marked
     # optimisation
     batch_size: int = 4  # rows per micro-batch
     grad_accum: int = 4  # micro-batches per optimizer step
@@ -161,140 +171,6 @@ class UserError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: files -> messages. Formats are detected per row and must agree within a file.
-
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-
-
-def read_rows(path: Path) -> list[tuple[int, dict]]:
-    """(line number, row) for a .jsonl file (one object per line) or a .json array."""
-    if not path.exists():
-        raise UserError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); expected a JSON array of objects")
-        return [(i + 1, r) for i, r in enumerate(rows)]  # "line" is the array index + 1 here
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append((n, json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); "
-                            "expected one JSON object per line")
-    return out
-
-
-def to_messages(row, where: str) -> list[dict]:
-    """One row in any supported format -> [{"role", "content"}, ...]."""
-    if not isinstance(row, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if "messages" in row:
-        msgs = row["messages"]
-    elif "conversations" in row:  # ShareGPT
-        msgs = []
-        for turn in row["conversations"] if isinstance(row["conversations"], list) else [None]:
-            if not isinstance(turn, dict) or turn.get("from") not in SHAREGPT_ROLES:
-                raise UserError(f"{where}: ShareGPT turn {turn!r} has no known 'from' "
-                                f"(expected one of {sorted(SHAREGPT_ROLES)})")
-            msgs.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn.get("value")})
-    elif "instruction" in row and "output" in row:  # Alpaca: the input, when present, follows the instruction
-        user = {"role": "user", "content": row["instruction"]}
-        if row.get("input"):
-            user["input"] = row["input"]
-        msgs = [user, {"role": "assistant", "content": row["output"]}]
-    else:
-        raise UserError(f"{where}: row has no recognisable format; expected {{\"messages\": [...]}}, "
-                        "Alpaca {\"instruction\", \"input\", \"output\"} or ShareGPT {\"conversations\": [...]}; "
-                        f"found keys {sorted(row)}")
-    if not isinstance(msgs, list) or not msgs:
-        raise UserError(f"{where}: the dialog is empty")
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise UserError(f"{where}: message {i} has role {m.get('role') if isinstance(m, dict) else m!r}; "
-                            "expected system, user or assistant")
-        if not isinstance(m.get("content"), str) or not m["content"].strip():
-            raise UserError(f"{where}: message {i} ({m['role']}) has empty or non-text content")
-    return msgs
-
-
-def parse_data_spec(spec: str) -> tuple[Path, float]:
-    """`path` or `path:fraction` (the share of that file to use, as in dataset mixes)."""
-    path, _, frac = spec.rpartition(":")
-    if path and frac.replace(".", "", 1).isdigit():
-        fraction = float(frac)
-        if not 0 < fraction <= 1:
-            raise UserError(f"--data {spec}: fraction must be in (0, 1], got {fraction}")
-        return Path(path), fraction
-    return Path(spec), 1.0
-
-
-def tokenize(tokenizer: Tokenizer, msgs: list[dict], cfg: TrainConfig, where: str) -> tuple[list[int], list[bool]] | str:
-    """(ids, mask) for one dialog, or the reason it was skipped."""
-    try:
-        ids, mask = encode_chat(tokenizer, msgs, cfg.template)
-    except ValueError as e:
-        raise UserError(f"{where}: {e}")
-    if len(ids) > cfg.seq_len:
-        if cfg.overlong == "drop":
-            return "overlong"
-        ids, mask = ids[: cfg.seq_len], mask[: cfg.seq_len]
-    if sum(mask) < max(cfg.min_assistant_tokens, 1):
-        return "too_few_assistant_tokens"
-    return ids, mask
-
-
-def load_data(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[list, list, dict]:
-    """Train and val samples [(ids, mask)], plus per-file statistics."""
-    rng = random.Random(cfg.seed)
-    train, val, stats = [], [], {"files": {}}
-    for spec in cfg.data:
-        path, fraction = parse_data_spec(spec)
-        rows = read_rows(path)
-        rows = [(n, to_messages(r, f"{path}:{n}")) for n, r in rows]
-        rng.shuffle(rows)
-        rows = rows[: max(1, round(len(rows) * fraction))] if rows else rows
-        n_val = min(cfg.max_val, int(len(rows) * cfg.val_split))
-        s = {"rows": len(rows), "accepted": 0, "val": 0, "skipped": {}, "truncated": 0, "tokens": 0,
-             "trained_tokens": 0, "min_tokens": None, "max_tokens": 0}
-        for i, (n, msgs) in enumerate(rows):
-            r = tokenize(tokenizer, msgs, cfg, f"{path}:{n}")
-            if isinstance(r, str):
-                s["skipped"][r] = s["skipped"].get(r, 0) + 1
-                continue
-            ids, mask = r
-            full_len = len(encode_chat(tokenizer, msgs, cfg.template)[0])
-            s["truncated"] += full_len > len(ids)
-            (val if i < n_val else train).append((ids, mask))
-            s["val" if i < n_val else "accepted"] += 1
-            s["tokens"] += len(ids)
-            s["trained_tokens"] += sum(mask)
-            s["min_tokens"] = len(ids) if s["min_tokens"] is None else min(s["min_tokens"], len(ids))
-            s["max_tokens"] = max(s["max_tokens"], len(ids))
-        kept = s["accepted"] + s["val"]
-        s["mean_tokens"] = round(s["tokens"] / kept, 1) if kept else 0
-        stats["files"][str(path)] = s
-    files = list(stats["files"].values())
-    total = {k: sum(f[k] for f in files) for k in ("rows", "accepted", "val", "truncated", "tokens", "trained_tokens")}
-    total["skipped"] = {}
-    for f in files:
-        for why, n in f["skipped"].items():
-            total["skipped"][why] = total["skipped"].get(why, 0) + n
-    lens = [f["min_tokens"] for f in files if f["min_tokens"] is not None]
-    total["min_tokens"], total["max_tokens"] = (min(lens) if lens else None), max(f["max_tokens"] for f in files)
-    kept = total["accepted"] + total["val"]
-    total["mean_tokens"] = round(total["tokens"] / kept, 1) if kept else 0
-    stats["total"] = total
-    if not train:
-        raise UserError(f"no training samples left after filtering ({json.dumps(stats['files'])})")
-    return train, val, stats
-
-
-# ---------------------------------------------------------------------------------------------
 # Packing: samples -> rows of exactly seq_len tokens with labels and document ids.
 
 
@@ -304,48 +180,79 @@ def sample_labels(ids: list[int], mask: list[bool]) -> list[int]:
 
 
 def pack(samples: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Best-fit-decreasing bin packing of samples into rows of seq_len tokens.
-
-    Returns tokens/labels/doc_ids [R, seq_len]. Each sample keeps its own doc id within the row so the
-    model isolates it; the padded tail is one more "document" whose labels are all -100.
-    """
-    order = sorted(range(len(samples)), key=lambda i: -len(samples[i][0]))
-    rows: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (room left, row index), sorted, for best fit by bisection
-    for i in order:
-        n = len(samples[i][0])
-        assert n <= seq_len, "samples are truncated or dropped before packing"
-        j = bisect_left(free, (n, -1))
-        if j == len(free):
-            rows.append([i])
-            room, r = seq_len - n, len(rows) - 1
-        else:
-            room, r = free.pop(j)
-            rows[r].append(i)
-            room -= n
-        if room > 0:
-            insort(free, (room, r))
-    return _rows_to_tensors([[samples[i] for i in row] for row in rows], seq_len, pad_id)
+    """Best-fit-decreasing bin packing of samples into rows of seq_len tokens (llama.corpus.pack_plan), all rows
+    built at once: tokens/labels/doc_ids [R, seq_len]. Each sample keeps its own doc id within the row so the
+    model isolates it; the padded tail is one more "document" whose labels are all -100. (Training builds
+    only the rows each micro-batch draws; this is the whole-corpus form, for tests and benchmarks.)"""
+    return _all_rows(samples, seq_len, pad_id, packing=True)
 
 
 def pad_each(samples: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
     """--no-packing: one sample per row, padded to seq_len."""
-    return _rows_to_tensors([[s] for s in samples], seq_len, pad_id)
+    return _all_rows(samples, seq_len, pad_id, packing=False)
 
 
-def _rows_to_tensors(rows: list[list[tuple[list[int], list[bool]]]], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
-    tokens = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), seq_len), -100, dtype=torch.long)
-    doc_ids = torch.empty((len(rows), seq_len), dtype=torch.long)
-    for r, row in enumerate(rows):
-        t = 0
-        for d, (ids, mask) in enumerate(row):
-            tokens[r, t: t + len(ids)] = torch.tensor(ids)
-            labels[r, t: t + len(ids)] = torch.tensor(sample_labels(ids, mask))
-            doc_ids[r, t: t + len(ids)] = d
-            t += len(ids)
-        doc_ids[r, t:] = len(row)  # the padding is its own document
-    return {"tokens": tokens, "labels": labels, "doc_ids": doc_ids}
+def _all_rows(samples, seq_len: int, pad_id: int, packing: bool) -> dict[str, torch.Tensor]:
+    split = corpus.split_from_samples(samples)
+    rows = corpus.make_rows(split, seq_len, packing)
+    return {k: torch.from_numpy(v) for k, v in corpus.build_batch(split, rows, range(len(rows)), seq_len, pad_id).items()}
+
+
+def draw(split: corpus.Split, rows: corpus.Rows, which, cfg: TrainConfig, pad_id: int, device) -> dict[str, torch.Tensor]:
+    """The micro-batch of rows `which`, built from the memory-mapped corpus and moved to the device."""
+    b = corpus.build_batch(split, rows, which, cfg.seq_len, pad_id)
+    return {k: torch.from_numpy(v).to(device) for k, v in b.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: --data -> the prepared corpus (OUT/data, or a prepared folder given as --data).
+
+
+def data_options(cfg: TrainConfig) -> corpus.DataOptions:
+    return corpus.DataOptions(template=cfg.template, seq_len=cfg.seq_len, overlong=cfg.overlong,
+                              min_assistant_tokens=cfg.min_assistant_tokens, val_split=cfg.val_split,
+                              max_val=cfg.max_val, seed=cfg.seed, oasst_top_k=cfg.oasst_top_k,
+                              oasst_lang=tuple(x.strip() for x in cfg.oasst_lang.split(",") if x.strip()),
+                              text_as_lm=cfg.text_as_lm)
+
+
+def prepared_data(cfg: TrainConfig, tokenizer: Tokenizer, out: Path, dist_ctx: "Dist") -> tuple[Path, dict, dict]:
+    """(folder, meta, splits) of the corpus this run trains on. A prepared folder given as the only --data is
+    used as it is (checked against this run's tokenizer, template and --seq-len). Otherwise OUT/data: reused
+    when its key (data file contents, tokenizer, options) matches this run's, written first when there is
+    none or, on a fresh run, when it differs; on --resume a difference is an error (the checkpoint trained
+    on the old one)."""
+    if len(cfg.data) == 1 and corpus.is_prepared(Path(cfg.data[0])):
+        folder = Path(cfg.data[0])
+        meta, splits = corpus.open_corpus(folder, tokenizer)
+        key = meta["key"]
+        if key.get("template") != cfg.template:
+            raise UserError(f"prepared data {folder} was rendered with --template {key.get('template')}; "
+                            f"pass --template {key.get('template')} (this run has {cfg.template})")
+        if key.get("seq_len", 0) > cfg.seq_len:
+            raise UserError(f"prepared data {folder} holds samples of up to {key.get('seq_len')} tokens "
+                            f"(--seq-len {key.get('seq_len')}); pass --seq-len {key.get('seq_len')} or prepare it again")
+        dist_ctx.say(f"data: the prepared folder {folder}", flush=True)
+        return folder, meta, splits
+    folder = out / "data"
+    if dist_ctx.rank == 0:
+        opts = data_options(cfg)
+        key = corpus.corpus_key(cfg.data, tokenizer, opts)
+        diff = corpus.key_difference(corpus.read_meta(folder)["key"], key) if corpus.is_prepared(folder) else None
+        if diff == []:
+            print(f"data: reusing {folder} (same data files, tokenizer and options)", flush=True)
+        elif diff and cfg.resume:
+            raise UserError(f"--resume: {folder} was prepared from other data or options than this run's (they "
+                            f"differ in: {', '.join(diff)}), and the checkpoints trained on it. Resume with the same "
+                            "--data and data flags, or start a new run (another --out, or --overwrite)")
+        else:
+            t0 = time.time()
+            meta = corpus.prepare_corpus(cfg.data, tokenizer, folder, opts, workers=cfg.data_workers, key=key)
+            print(f"data: prepared {folder} in {time.time() - t0:.1f}s ({meta['splits']['train']['tokens']:,} "
+                  "training tokens)", flush=True)
+    dist_ctx.barrier()
+    meta, splits = corpus.open_corpus(folder, tokenizer)
+    return folder, meta, splits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,11 +391,11 @@ def loss_sum(model, tokens, labels, doc_ids, chunk: int = 1024) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, data: dict[str, torch.Tensor], batch_size: int, device) -> dict:
+def evaluate(model, split: corpus.Split, rows: corpus.Rows, cfg: TrainConfig, pad_id: int, device) -> dict:
     model.eval()
     total, count = 0.0, 0
-    for s in range(0, len(data["tokens"]), batch_size):
-        b = {k: v[s: s + batch_size].to(device) for k, v in data.items()}
+    for s in range(0, len(rows), cfg.batch_size):
+        b = draw(split, rows, np.arange(s, min(s + cfg.batch_size, len(rows))), cfg, pad_id, device)
         total += loss_sum(model, b["tokens"], b["labels"], b["doc_ids"]).item()
         count += int((b["labels"] != -100).sum())
     model.train()
@@ -536,7 +443,11 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG's state as tensors and plain lists/numbers, so that torch.load(weights_only=True) reads it."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    s = {"torch": torch.get_rng_state(), "python": [version, list(mt), gauss],
+         "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
@@ -544,10 +455,49 @@ def rng_state() -> dict:
 
 def set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    version, mt, gauss = s["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def load_state(file: Path) -> dict:
+    """A checkpoint's state file, read with torch.load(weights_only=True): tensors and plain containers only,
+    so a tampered or foreign file cannot run code; anything else is a CheckpointError naming the file."""
+    try:
+        return torch.load(file, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{file}: not a checkpoint state this program wrote (only tensors and plain "
+                              f"containers are loaded, never code): {first}") from None
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    """Unpickles only what torch.distributed.checkpoint's .metadata holds (its metadata dataclasses, torch.Size,
+    dtypes, layouts, paths): dcp.load reads that file with plain pickle, so it is checked this way first."""
+
+    def find_class(self, module: str, name: str):
+        obj = super().find_class(module, name)
+        ok = (module.startswith("torch.distributed.checkpoint.") and isinstance(obj, type)) \
+            or (module == "torch" and (name == "Size" or isinstance(obj, torch.dtype))) \
+            or (module == "torch.serialization" and name == "_get_layout") \
+            or (module == "pathlib" and name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")) \
+            or (module == "collections" and name == "OrderedDict")
+        if not ok:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+        return obj
+
+
+def check_dcp_metadata(file: Path) -> None:
+    """CheckpointError unless `file` unpickles to nothing but checkpoint metadata (no code can run)."""
+    try:
+        with open(file, "rb") as f:
+            _DCPMetadataUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{file}: not checkpoint metadata this program wrote (only metadata classes are "
+                              f"unpickled, never code): {e}") from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -593,15 +543,16 @@ def save_checkpoint(out: Path, step: int, model, opt, keep: int, dist_ctx: "Dist
 
 
 def load_checkpoint(ck: Path, model, opt, dist_ctx: "Dist") -> int:
-    state = torch.load(ck / "state.pt", weights_only=False, map_location="cpu")
+    state = load_state(ck / "state.pt")
     if dist_ctx.fsdp:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
         msd, osd = get_state_dict(model, opt)
         sd = {"model": msd, "optimizer": osd}
+        check_dcp_metadata(ck / "dcp" / ".metadata")  # dcp.load unpickles it; the tensors it loads weights_only
         dcp.load(sd, checkpoint_id=str(ck / "dcp"))
         set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
-        set_rng_state(torch.load(ck / f"rng-rank{dist_ctx.rank}.pt", weights_only=False)["rng"])
+        set_rng_state(load_state(ck / f"rng-rank{dist_ctx.rank}.pt")["rng"])
     else:
         named = dict(model.named_parameters())
         with torch.no_grad():
@@ -623,10 +574,10 @@ def list_checkpoints(out: Path) -> list[int]:
 def read_gen_eval(path: str) -> list[tuple[list[dict], str]]:
     """Dialogs whose last turn is the expected assistant answer -> (prompt messages, answer)."""
     items = []
-    for n, row in read_rows(Path(path)):
-        msgs = to_messages(row, f"{path}:{n}")
-        if msgs[-1]["role"] != "assistant":
-            raise UserError(f"{path}:{n}: the last message must be the expected assistant answer")
+    for d in read_dialogs(Path(path)):
+        msgs = d.get("messages")
+        if not msgs or msgs[-1]["role"] != "assistant":
+            raise UserError(f"{d['where']}: the last message must be the expected assistant answer")
         items.append((msgs[:-1], msgs[-1]["content"].strip()))
     return items
 
@@ -659,13 +610,17 @@ def peak_mem_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+PREPARED = ("data", "data_stats.json")
+
+
 def check_out(cfg: TrainConfig) -> Path:
     """Refuse an --out that holds another run unless --resume or --overwrite; creates nothing yet, so a run
     that fails on bad input leaves no half-written folder."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
-    if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
+    # what --prepare-data leaves (the corpus and its report) is not a run: training may follow in the same --out
+    if out.exists() and any(p.name not in PREPARED for p in out.iterdir()) and not (cfg.resume or cfg.overwrite):
         raise UserError(f"--out {out} already holds files"
                         + (" from another run" if (out / "run_config.json").exists() else "")
                         + "; pass --resume to continue it, --overwrite to replace it, or choose another --out")
@@ -761,8 +716,15 @@ def full_state_model(model, dist_ctx: Dist):
 
 def train(cfg: TrainConfig) -> dict:
     dist_ctx = init_distributed()
+    fresh = not Path(cfg.out).exists()
     try:
         return _train(cfg, dist_ctx)
+    except (UserError, CheckpointError, DataError):
+        # bad input leaves no trace: an --out this run created (holding at most the prepared corpus) goes again
+        out = Path(cfg.out)
+        if fresh and dist_ctx.rank == 0 and out.is_dir() and all(p.name in PREPARED for p in out.iterdir()):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         if dist_ctx.world > 1:
             torch.distributed.destroy_process_group()
@@ -779,19 +741,38 @@ def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
     out = check_out(cfg)
     say("config:", json.dumps(dataclasses.asdict(cfg)), flush=True)
 
-    # ---- data first (bad rows fail in seconds), then the model
+    # ---- data first (bad rows fail in seconds, before the model loads): the tokenized corpus on disk,
+    # memory-mapped; training keeps only row plans and builds each micro-batch when it is drawn
     tokenizer, new_tokens = load_tokenizer(cfg)
-    train_s, val_s, stats = load_data(cfg, tokenizer)
+    folder, meta, splits = prepared_data(cfg, tokenizer, out, dist_ctx)
     pad = tokenizer.eos_id
-    rows = pack(train_s, cfg.seq_len, pad) if cfg.packing else pad_each(train_s, cfg.seq_len, pad)
-    val_rows = (pack(val_s, cfg.seq_len, pad) if cfg.packing else pad_each(val_s, cfg.seq_len, pad)) if val_s else None
-    n_tokens = sum(len(s[0]) for s in train_s)
-    stats["rows"] = len(rows["tokens"])
-    stats["packing_efficiency"] = round(n_tokens / rows["tokens"].numel(), 4)
+    train_split, val_split = splits["train"], splits.get("val")
+    rows = corpus.make_rows(train_split, cfg.seq_len, cfg.packing)
+    val_rows = corpus.make_rows(val_split, cfg.seq_len, cfg.packing) if val_split is not None else None
+    stats = json.loads(json.dumps(meta["stats"]))
+    stats["rows"] = len(rows)
+    stats["packing_efficiency"] = round(int(train_split.offsets[-1]) / (len(rows) * cfg.seq_len), 4)
     stats["padding_fraction"] = round(1 - stats["packing_efficiency"], 4)
-    stats["train_samples"], stats["val_samples"] = len(train_s), len(val_s)
+    stats["train_samples"], stats["val_samples"] = len(train_split), len(val_split) if val_split is not None else 0
+    stats["corpus"] = str(folder)
+    stats["corpus_key_sha256"] = hashlib.sha256(json.dumps(meta["key"], sort_keys=True).encode()).hexdigest()
+    if cfg.resume and (out / "data_stats.json").exists():  # also a prepared folder given as --data
+        trained_on = json.loads((out / "data_stats.json").read_text()).get("corpus_key_sha256")
+        if trained_on not in (None, stats["corpus_key_sha256"]):
+            raise UserError(f"--resume: the corpus {folder} is not the one {out} trained on (its meta.json key "
+                            "differs from the one recorded in data_stats.json); resume with that corpus, or start "
+                            "a new run")
     if dist_ctx.rank == 0:
         print_stats(stats)
+        if cfg.show_samples:
+            print(corpus.show_samples(train_split, tokenizer, cfg.show_samples, color=sys.stdout.isatty()), flush=True)
+    if cfg.prepare_data:
+        if dist_ctx.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "data_stats.json").write_text(json.dumps(stats, indent=2))
+            say(f"data prepared in {folder}; train with the same flags and --out {out} (it is reused), "
+                f"or pass --data {folder}", flush=True)
+        return {"data": stats}
     t0 = time.time()
     model, quantized = build_model(cfg, tokenizer, new_tokens, device, dtype,
                                    load_progress() if dist_ctx.rank == 0 else None)
@@ -809,13 +790,15 @@ def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
     opt = make_optimizer(cfg, params, device)
     if dist_ctx.rank == 0:  # everything checked: now OUT may be written
         check_disk(out, params, cfg)
-        if cfg.overwrite and not cfg.resume and out.exists():
-            shutil.rmtree(out)
+        if cfg.overwrite and not cfg.resume and out.exists():  # the previous run goes; the corpus in use stays
+            for p in out.iterdir():
+                if p != folder:
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
         out.mkdir(parents=True, exist_ok=True)
     dist_ctx.barrier()
     per_rank = cfg.batch_size * cfg.grad_accum
     per_step = per_rank * dist_ctx.world
-    steps_per_epoch = math.ceil(len(rows["tokens"]) / per_step)
+    steps_per_epoch = math.ceil(len(rows) / per_step)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
     step = 0
@@ -845,23 +828,25 @@ def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
         else torch.autocast(device.type, enabled=False)
     metrics_f = open(out / "metrics.jsonl", "a") if dist_ctx.rank == 0 else None
     model.train()
-    bad_steps, last, t_start = 0, {}, time.time()
+    bad_steps, last, t_start, perm_of = 0, {}, time.time(), {}
     try:
         while step < total:
             t_step = time.time()
             epoch, pos = divmod(step * per_step, steps_per_epoch * per_step)
-            perm = torch.randperm(len(rows["tokens"]), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            if epoch not in perm_of:
+                perm_of = {epoch: torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed + epoch))}
+            perm = perm_of[epoch]
             idx = perm[pos: pos + per_step]
             if len(idx) < per_step:  # the epoch's last step wraps around (as DistributedSampler pads), so every
                 idx = torch.cat([idx, perm[: per_step - len(idx)]])  # rank runs the same micro-batches
-            n_target = int((rows["labels"][idx] != -100).sum())  # over the global batch, on every rank
+            n_target = int(rows.targets[idx.numpy()].sum())  # over the global batch, on every rank
             mine = idx[dist_ctx.rank * per_rank: (dist_ctx.rank + 1) * per_rank]
             lr = lr_at(step, total, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
             loss_total = torch.zeros((), device=device)
             for m in range(0, len(mine), cfg.batch_size):
-                b = {k: v[mine[m: m + cfg.batch_size]].to(device) for k, v in rows.items()}
+                b = draw(train_split, rows, mine[m: m + cfg.batch_size].numpy(), cfg, pad, device)
                 with autocast:
                     loss = loss_sum(model, b["tokens"], b["labels"], b["doc_ids"]) / max(n_target, 1)
                 # FSDP averages gradients over ranks; our loss is already normalised over the global batch
@@ -897,7 +882,7 @@ def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
                     "grad_norm": round(grad_norm, 6), "tokens_per_s": round(len(idx) * cfg.seq_len / dt, 1),
                     "peak_mem_mb": round(peak_mem_mb(device), 1)}
             if val_rows is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
-                last.update(evaluate(model, val_rows, cfg.batch_size, device))
+                last.update(evaluate(model, val_split, val_rows, cfg, pad, device))
             if metrics_f and (step % cfg.log_every == 0 or step == total or "eval_loss" in last):
                 metrics_f.write(json.dumps(last) + "\n")
                 metrics_f.flush()
@@ -1029,7 +1014,7 @@ def main(argv: list[str] | None = None) -> int:
             chat(cfg)
         else:
             train(cfg)
-    except (UserError, CheckpointError) as e:
+    except (UserError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

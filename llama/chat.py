@@ -73,7 +73,7 @@ def encode_chat(tokenizer: Tokenizer, messages: list[dict], template: str,
                 add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
     """Dialog -> (ids, mask); see the module docstring for the formats."""
     _check_template(template)
-    msgs = _validate(messages, template, add_generation_prompt)
+    msgs = validate_dialog(messages, template, add_generation_prompt)
     render = {"llama2": _llama2, "chatml": _chatml, "tulu": _tulu, "oasst": _oasst, "alpaca": _alpaca}[template]
     return _encode_segments(tokenizer, render(tokenizer, msgs, add_generation_prompt))
 
@@ -95,8 +95,10 @@ def _special_id(tokenizer: Tokenizer, token: str, template: str) -> int:
     return tokenizer.special_tokens[token]
 
 
-def _validate(messages: list[dict], template: str, add_generation_prompt: bool) -> list[dict]:
-    """Checked copy of the dialog: {"role", "content"} with content stripped and any "input" resolved."""
+def validate_dialog(messages: list[dict], template: str | None = None,
+                    add_generation_prompt: bool = False) -> list[dict]:
+    """Checked copy of the dialog: {"role", "content"} with content stripped and any "input" resolved.
+    With no template, only the checks every template shares (roles, text content, system first)."""
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"the dialog is empty: expected a non-empty list of messages, got {messages!r}")
     out = []
@@ -142,7 +144,7 @@ def _validate(messages: list[dict], template: str, add_generation_prompt: bool) 
 
 # ---------------------------------------------------------------------------------------------------------
 # Templates: messages -> segments (text or token id, trained), and each one's Jinja twin. A Jinja template
-# sees the raw messages, so it repeats what `_validate` does to a message's text: strip it (llama2 strips
+# sees the raw messages, so it repeats what `validate_dialog` does to a message's text: strip it (llama2 strips
 # later, where Meta does), and append a non-blank "input" after a blank line (alpaca gives it a section).
 
 _CONTENT = ("{%- set content = message['content'] -%}"

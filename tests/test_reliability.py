@@ -4,17 +4,23 @@ uninterrupted one bit for bit; SIGTERM saves first; non-finite steps are skipped
 checked; the data loader survives fuzzing."""
 import json
 import os
+import pickle
 import random
+import re
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 import train
-from llama import Tokenizer
+from llama import Tokenizer, corpus
+from llama.data import DataError
 
 DEMO_TOK = train.DEMO / "tiny-llama" / "tokenizer.model"
 
@@ -68,9 +74,19 @@ def bad_inputs(ckpt: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
     empty.write_text("")
     role = tmp / "role.jsonl"
     role.write_text('{"messages": [{"role": "wizard", "content": "hi"}]}\n')
-    other = tmp / "other_run"
-    other.mkdir()
-    (other / "run_config.json").write_text("{}")
+    other_run = tmp / "other_run"
+    other_run.mkdir()
+    (other_run / "run_config.json").write_text("{}")
+    tok = Tokenizer(ckpt / "tokenizer.model")
+    opts = corpus.DataOptions(seq_len=32)
+    short = tmp / "prepared_short"  # ids.npy lost its last token
+    corpus.prepare_corpus([str(ckpt / "data.jsonl")], tok, short, opts, workers=1, progress=False)
+    ids = np.load(short / "train" / "ids.npy")
+    np.save(short / "train" / "ids.npy", ids[:-1])
+    other = tmp / "prepared_other_tok"  # written by a tokenizer with two more tokens
+    tok2 = Tokenizer(ckpt / "tokenizer.model")
+    tok2.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    corpus.prepare_corpus([str(ckpt / "data.jsonl")], tok2, other, opts, workers=1, progress=False)
     base = lambda c, d=ckpt / "data.jsonl": ["--ckpt", str(c), "--data", str(d), "--max-steps", "1"]  # noqa: E731
     return {
         "truncated pth": (base(trunc), "consolidated.00.pth"),
@@ -80,9 +96,11 @@ def bad_inputs(ckpt: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "tokenizer disagrees with embedding": (base(vocab), "has 1324 tokens, but the checkpoint in"),
         "bad json line": (base(ckpt, data), "d.jsonl:2"),
         "empty data": (base(ckpt, empty), "no training samples"),
-        "unknown role": (base(ckpt, role), "role.jsonl:1: message 0 has role 'wizard'"),
+        "unknown role": (base(ckpt, role), "role.jsonl:1: message 0 has unknown role 'wizard'"),
+        "prepared arrays disagree": (base(ckpt, short) + ["--seq-len", "32"], f"prepared data {short}: the train arrays disagree"),
+        "prepared by another tokenizer": (base(ckpt, other) + ["--seq-len", "32"], f"prepared data {other} was tokenized with another tokenizer"),
         "seq-len too long": (base(ckpt) + ["--seq-len", "8192"], "--seq-len 8192 is longer than the model supports"),
-        "out holds another run": (base(ckpt) + ["--out", str(other)], "from another run"),
+        "out holds another run": (base(ckpt) + ["--out", str(other_run)], "from another run"),
     }
 
 
@@ -141,9 +159,60 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path, ckpt):
         time.sleep(rng.uniform(1.0, 4.0))
         p.send_signal(signal.SIGKILL)
         p.wait()
-    assert cli(args(ckpt, out, *steps, "--resume")).returncode == 0
+    r = cli(args(ckpt, out, *steps, "--resume"))
+    assert r.returncode == 0 and "data: reusing" in r.stdout  # the prepared corpus, not a second tokenization
     assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(ref)]
     assert adapter_bytes(out) == adapter_bytes(ref)
+
+
+class _RunsCode:
+    """Unpickling this calls Path.touch(marker): what a tampered checkpoint would make a plain torch.load do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_tampered_checkpoint_state_does_not_run_code(tmp_path, ckpt, capsys):
+    out = tmp_path / "run"
+    assert train.main(args(ckpt, out, "--max-steps", "2", "--save-every", "1")) == 0
+    state = out / "checkpoint-2" / "state.pt"
+    # the RNG and optimizer state are tensors and plain containers: a weights_only load reads them
+    assert set(torch.load(state, weights_only=True)) >= {"step", "rng", "model", "optimizer"}
+    marker = tmp_path / "code-ran"
+    torch.save({"step": 2, "rng": _RunsCode(marker)}, state)
+    with pytest.raises(Exception):  # what the old weights_only=False load would have done: run the callable
+        torch.load(state, weights_only=True)
+    assert not marker.exists()
+    assert train.main(args(ckpt, out, "--max-steps", "3", "--save-every", "1", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists() and str(state) in err and err.startswith("error: ") and "Traceback" not in err
+    torch.load(state, weights_only=False)  # the file really carries the callable: loading it unsafely runs it
+    assert marker.exists()
+
+
+def test_fsdp_checkpoint_metadata_is_checked_before_dcp_unpickles_it(tmp_path):
+    """FSDP checkpoints go through torch.distributed.checkpoint, whose .metadata is a plain pickle: a real one
+    passes train.check_dcp_metadata, one carrying a callable is refused without running it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4, dtype=torch.bfloat16)).float().sum().backward()
+    opt.step()
+    msd, osd = get_state_dict(model, opt)
+    with warnings.catch_warnings():  # no process group: dcp says it saves as one process
+        warnings.simplefilter("ignore")
+        dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp_path / "dcp"))
+    meta = tmp_path / "dcp" / ".metadata"
+    train.check_dcp_metadata(meta)
+    marker = tmp_path / "code-ran"
+    meta.write_bytes(pickle.dumps(_RunsCode(marker)))
+    with pytest.raises(train.CheckpointError, match=re.escape(f"{meta}: not checkpoint metadata")):
+        train.check_dcp_metadata(meta)
+    assert not marker.exists()
 
 
 def test_sigterm_saves_then_resume_equals_uninterrupted(tmp_path, ckpt):
@@ -226,12 +295,15 @@ def test_fuzz_data_loader_never_tracebacks(tmp_path):
         p = tmp_path / f"f{n}.jsonl"
         p.write_text("\n".join(lines) + "\n")
         cfg = train.TrainConfig(data=[str(p)], seq_len=rng.choice([8, 16, 64]), overlong=rng.choice(["drop", "truncate"]))
+        dest = tmp_path / f"c{n}"
         try:
-            tr, val, stats = train.load_data(cfg, tok)
-        except train.UserError as e:
+            meta = corpus.prepare_corpus(cfg.data, tok, dest, train.data_options(cfg), workers=1, progress=False)
+        except DataError as e:
             assert str(p) in str(e) or "no training samples" in str(e)
+            assert not dest.exists()
             continue
-        s = stats["files"][str(p)]
+        s = meta["stats"]["files"][str(p)]
         # nothing dropped silently: every row is accepted, held out or counted as skipped
         assert s["accepted"] + s["val"] + sum(s["skipped"].values()) == s["rows"] == len([x for x in lines if x.strip()])
-        assert len(tr) == s["accepted"] and all(len(ids) <= cfg.seq_len for ids, _ in tr)
+        tr = corpus.open_corpus(dest, tok)[1]["train"]
+        assert len(tr) == s["accepted"] and tr.lengths.max() <= cfg.seq_len

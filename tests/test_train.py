@@ -1,4 +1,4 @@
-"""train.py: data formats and errors, masks, packing isolation, learning in each mode, resume, the demo."""
+"""train.py: data errors and filters, masks, packing isolation, learning in each mode, resume, the demo."""
 import dataclasses
 import json
 import math
@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import train
-from llama import ModelArgs, Tokenizer, Transformer
+from llama import ModelArgs, Tokenizer, Transformer, corpus
 from llama.chat import encode_chat
+from llama.data import DataError
 
 DEMO_TOK = train.DEMO / "tiny-llama" / "tokenizer.model"
 
@@ -27,38 +28,35 @@ def write_jsonl(path, rows):
 
 CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hot?"},
                      {"role": "assistant", "content": "The opposite of hot is cold."}]}
-ALPACA = {"instruction": "Give the opposite.", "input": "hot", "output": "cold"}
-SHAREGPT = {"conversations": [{"from": "human", "value": "hot?"}, {"from": "gpt", "value": "cold"}]}
 
 
-# ---- data formats and errors
+# ---- data: errors, split, stats and filters (through the prepared corpus; formats: tests/test_data_formats.py)
 
 
-def test_formats_detected(tmp_path):
-    assert train.to_messages(CHAT, "x") == CHAT["messages"]
-    assert train.to_messages(SHAREGPT, "x") == [{"role": "user", "content": "hot?"},
-                                                {"role": "assistant", "content": "cold"}]
-    alp = train.to_messages(ALPACA, "x")
-    assert alp[0]["role"] == "user" and alp[0]["content"] == "Give the opposite." and alp[0]["input"] == "hot"
-    assert alp[1] == {"role": "assistant", "content": "cold"}
-    p = tmp_path / "d.json"
-    p.write_text(json.dumps([CHAT, SHAREGPT]))
-    assert [n for n, _ in train.read_rows(p)] == [1, 2]
+def prepare(tmp_path, tok, data, **opts):
+    """prepare_corpus into a fresh folder -> (stats, [(ids, mask)] train, [(ids, mask)] val)."""
+    dest = tmp_path / f"c{len(list(tmp_path.glob('c*')))}"
+    meta = corpus.prepare_corpus(data, tok, dest, corpus.DataOptions(**opts), workers=1, progress=False)
+    _, splits = corpus.open_corpus(dest, tok)
+    samples = {k: [(i.tolist(), m.astype(bool).tolist()) for i, m in map(v.sample, range(len(v)))]
+               for k, v in splits.items()}
+    return meta["stats"], samples["train"], samples.get("val", [])
 
 
 @pytest.mark.parametrize("row, expect", [
     ('{"messages": [', "d.jsonl:2: not valid JSON"),
-    ({"text": "hello"}, "d.jsonl:2: row has no recognisable format"),
-    ({"messages": [{"role": "bot", "content": "x"}]}, "d.jsonl:2: message 0 has role 'bot'"),
+    ({"messages": [{"role": "bot", "content": "x"}]}, "d.jsonl:2: message 0 has unknown role 'bot'"),
     ({"messages": [{"role": "user", "content": "  "}]}, "d.jsonl:2: message 0 (user) has empty"),
     ({"messages": []}, "d.jsonl:2: the dialog is empty"),
     ({"conversations": [{"from": "robot", "value": "x"}]}, "d.jsonl:2: ShareGPT turn"),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, "d.jsonl:2: message 0 is 'assistant' where llama2 needs"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, tok, row, expect):
-    p = write_jsonl(tmp_path / "d.jsonl", [CHAT, row])
-    cfg = train.TrainConfig(data=[str(p)], seq_len=128)
-    with pytest.raises(train.UserError, match=re.escape(expect)):
-        train.load_data(cfg, tok)
+    sharegpt = {"conversations": [{"from": "human", "value": "hot?"}, {"from": "gpt", "value": "cold"}]}
+    p = write_jsonl(tmp_path / "d.jsonl", [sharegpt if "conversations" in row else CHAT, row])
+    with pytest.raises(DataError, match=re.escape(expect)):
+        prepare(tmp_path, tok, [str(p)], seq_len=128)
+    assert [f.name for f in tmp_path.iterdir()] == ["d.jsonl"]  # nothing half-written
 
 
 def test_cli_errors_exit_2_without_traceback(tmp_path, capsys):
@@ -66,29 +64,40 @@ def test_cli_errors_exit_2_without_traceback(tmp_path, capsys):
     rc = train.main(["--data", str(p), "--out", str(tmp_path / "o"), "--max-steps", "1"])
     err = capsys.readouterr().err
     assert rc == 2 and "d.jsonl:1: not valid JSON" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+    rc = train.main(["--data", str(p), "--out", str(tmp_path / "o"), "--prepare-data"])
+    assert rc == 2 and "d.jsonl:1: not valid JSON" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_fraction_val_split_and_stats(tmp_path, tok):
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a" * (i % 5 + 1)}]}
             for i in range(40)]
     p = write_jsonl(tmp_path / "d.jsonl", rows)
-    cfg = train.TrainConfig(data=[f"{p}:0.5"], val_split=0.25, max_val=3, seq_len=128)
-    tr, val, stats = train.load_data(cfg, tok)
+    stats, tr, val = prepare(tmp_path, tok, [f"{p}:0.5"], val_split=0.25, max_val=3, seq_len=128)
     s = stats["files"][str(p)]
     assert s["rows"] == 20 and len(val) == 3 and len(tr) == 17 and s["accepted"] == 17 and s["val"] == 3
     assert s["min_tokens"] == min(len(x[0]) for x in tr + val) and s["max_tokens"] == max(len(x[0]) for x in tr + val)
+    # every sample is one of the file's dialogs, none twice, none in both splits
+    want = {tuple(encode_chat(tok, r["messages"], "llama2")[0]) for r in rows}
+    got = [tuple(ids) for ids, _ in tr + val]
+    assert set(got) <= want and len(set(got)) == 20
 
 
 def test_overlong_and_min_assistant_tokens(tmp_path, tok):
     long = {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]}
     p = write_jsonl(tmp_path / "d.jsonl", [CHAT, long])
-    tr, _, st = train.load_data(train.TrainConfig(data=[str(p)], seq_len=64, overlong="drop"), tok)
+    st, tr, _ = prepare(tmp_path, tok, [str(p)], seq_len=64, overlong="drop")
     assert len(tr) == 1 and st["files"][str(p)]["skipped"] == {"overlong": 1}
     # truncation keeps the prompt only: no assistant token survives, so the row is skipped, not trained on
-    tr, _, st = train.load_data(train.TrainConfig(data=[str(p)], seq_len=64, overlong="truncate"), tok)
+    st, tr, _ = prepare(tmp_path, tok, [str(p)], seq_len=64, overlong="truncate")
     assert st["files"][str(p)]["skipped"] == {"too_few_assistant_tokens": 1}
-    with pytest.raises(train.UserError, match="no training samples"):
-        train.load_data(train.TrainConfig(data=[str(p)], seq_len=64, min_assistant_tokens=1000), tok)
+    long2 = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 200}]}
+    p2 = write_jsonl(tmp_path / "d2.jsonl", [long2])
+    st, tr, _ = prepare(tmp_path, tok, [str(p2)], seq_len=64, overlong="truncate")
+    ids, mask = encode_chat(tok, long2["messages"], "llama2")
+    assert st["files"][str(p2)]["truncated"] == 1 and tr == [(ids[:64], mask[:64])]
+    with pytest.raises(DataError, match="no training samples"):
+        prepare(tmp_path, tok, [str(p)], seq_len=64, min_assistant_tokens=1000)
 
 
 # ---- masks and packing
@@ -138,7 +147,7 @@ def tiny_model(vocab: int, seed: int = 0) -> Transformer:
 
 def test_packed_loss_equals_token_weighted_loss_of_documents(tok):
     model = tiny_model(tok.n_words).eval()
-    dialogs = [CHAT["messages"], SHAREGPT and train.to_messages(SHAREGPT, "x"),
+    dialogs = [CHAT["messages"], [{"role": "user", "content": "hot?"}, {"role": "assistant", "content": "cold"}],
                [{"role": "user", "content": "What is the opposite of up?"},
                 {"role": "assistant", "content": "The opposite of up is down."}]]
     samples = [encode_chat(tok, m, "llama2") for m in dialogs]

@@ -1,0 +1,638 @@
+"""Dialogs -> a tokenized corpus on disk -> packed micro-batches built when they are drawn.
+
+`prepare_corpus` reads the `--data` sources (llama.data), tokenizes every sample once in worker processes,
+filters (overlong, too few trained tokens), draws the fraction and the val split by group (an OASST tree,
+else a row) from the seed, and writes a folder, atomically (a temp folder renamed at the end):
+
+    meta.json              {"key": what it was made from, "stats": per-source counts, "splits": sizes}
+    train/ val/            per split (val only with a val split):
+      ids.npy              int32 [tokens]       every kept sample's token ids, concatenated
+      mask.npy             uint8 [tokens]       1 where the token is trained on (llama.chat.encode_chat's mask)
+      offsets.npy          int64 [samples + 1]  sample i is ids[offsets[i]:offsets[i + 1]]
+      targets.npy          int32 [samples]      trained next-token targets per sample (mask[1:] summed)
+      pack_rows.npy        int64 [rows + 1]     the best-fit-decreasing plan at the key's seq_len: row r holds
+      pack_samples.npy     int64 [samples]      samples pack_samples[pack_rows[r]:pack_rows[r + 1]], in order
+
+Training memory-maps the arrays (`open_corpus`) and keeps only row plans; `build_batch` makes a micro-batch's
+tokens/labels/doc_ids from them. The key holds a content hash of every data file, the tokenizer's sha256 and
+every option that changes the arrays, so a rerun can tell whether the folder is still what it would write.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import heapq
+import json
+import multiprocessing as mp
+import os
+import random
+import shutil
+import sys
+import time
+from bisect import bisect_left, insort
+from collections import deque
+from dataclasses import dataclass
+from itertools import chain, islice
+from pathlib import Path
+
+import numpy as np
+
+from .chat import encode_chat
+from .data import DataError, data_files, parse_data_spec, read_dialogs
+from .tokenizer import Tokenizer
+
+VERSION = 1
+SKIP_REASONS = ("overlong", "too_few_assistant_tokens")  # status codes 1, 2 (0: kept)
+ARRAYS = {"ids": np.int32, "mask": np.uint8, "offsets": np.int64, "targets": np.int32,
+          "pack_rows": np.int64, "pack_samples": np.int64}
+CHUNK_ROWS, CHUNK_CHARS = 1024, 1 << 21  # a worker's unit of work: this many dialogs or characters
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Everything besides the files and the tokenizer that changes the prepared arrays."""
+    template: str = "llama2"
+    seq_len: int = 1024
+    overlong: str = "truncate"  # truncate | drop
+    min_assistant_tokens: int = 1
+    val_split: float = 0.0
+    max_val: int = 1000
+    seed: int = 0
+    oasst_top_k: int = 0
+    oasst_lang: tuple[str, ...] = ()
+    text_as_lm: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The key: what a prepared folder was made from.
+
+
+def file_sha256(path: Path, block: int = 1 << 20) -> str:
+    """sha256 of the file's bytes, read in blocks (never the whole file in memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(block):
+            h.update(b)
+    return h.hexdigest()
+
+
+def tokenizer_sha256(tokenizer: Tokenizer) -> str:
+    """sha256 of the SentencePiece model plus the added special tokens and their ids."""
+    h = hashlib.sha256(tokenizer.sp.serialized_model_proto())
+    h.update(json.dumps(sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1])).encode())
+    return h.hexdigest()
+
+
+def corpus_key(data: list[str], tokenizer: Tokenizer, opts: DataOptions) -> dict:
+    """The sources (file names, sizes and content hashes, fractions), the tokenizer's hash and the options."""
+    # The whole content is hashed, not size + mtime (a copy or an edit in place keeps those) nor sampled blocks
+    # (a changed row in between would go unseen): streamed sha256 runs at disk/memory speed, and the files
+    # are hashed in threads (hashlib releases the GIL), so a sharded hub folder takes about its largest file.
+    from concurrent.futures import ThreadPoolExecutor
+    specs = [(parse_data_spec(spec), data_files(parse_data_spec(spec)[0])) for spec in data]
+    with ThreadPoolExecutor(resolve_workers(0)) as ex:
+        hashes = [list(ex.map(file_sha256, files)) for _, files in specs]
+    sources = []
+    for ((path, fraction), files), sha in zip(specs, hashes):
+        sources.append({"path": str(path), "fraction": fraction,
+                        "files": [{"name": f.name, "bytes": f.stat().st_size, "sha256": h} for f, h in zip(files, sha)]})
+    return {"version": VERSION, "sources": sources, "tokenizer_sha256": tokenizer_sha256(tokenizer),
+            **dataclasses.asdict(opts), "oasst_lang": list(opts.oasst_lang)}
+
+
+def key_difference(a: dict, b: dict) -> list[str]:
+    """The fields in which two keys differ (a source counts as the same when its files' contents are)."""
+    def content(k):
+        return [(s["fraction"], [(f["bytes"], f["sha256"]) for f in s["files"]]) for s in k.get("sources", [])]
+    diff = [k for k in sorted(set(a) | set(b)) if k != "sources" and a.get(k) != b.get(k)]
+    return (["data files"] if content(a) != content(b) else []) + diff
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenization: chunks of dialogs -> numpy arrays, in worker processes.
+
+_worker: dict = {}
+
+
+def _init_worker(tok_path: str, special: dict[str, int]) -> None:
+    """Each worker loads the tokenizer once, with the caller's added tokens at the caller's ids."""
+    tok = Tokenizer(tok_path)
+    tok.add_special_tokens([t for t, _ in sorted(special.items(), key=lambda kv: kv[1])])
+    if tok.special_tokens != special:
+        raise RuntimeError(f"worker tokenizer has added tokens {tok.special_tokens}, expected {special}")
+    _worker["tok"] = tok
+
+
+def _encode_chunk(chunk: list[dict], opts: DataOptions, tok: Tokenizer | None = None) -> dict[str, np.ndarray]:
+    """Tokenize each dialog once; truncate or drop what is longer than seq_len; count what is trained.
+
+    Returns the kept tokens of the chunk concatenated (ids, mask) and per dialog: kept length (0 when
+    skipped), full length, status (0 kept, 1 overlong, 2 too few trained tokens), trained tokens, targets."""
+    tok = tok or _worker["tok"]
+    ids_all: list[int] = []
+    mask_all: list[bool] = []
+    n = len(chunk)
+    kept, full, status = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int8)
+    trained, targets = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    for k, d in enumerate(chunk):
+        if "text" in d:  # plain language modelling: bos + text + eos, every token trained
+            ids = tok.encode(d["text"], bos=True, eos=True)
+            mask = [True] * len(ids)
+        else:
+            try:
+                ids, mask = encode_chat(tok, d["messages"], opts.template)
+            except ValueError as e:
+                raise DataError(f"{d['where']}: {e}") from None
+        full[k] = len(ids)
+        if len(ids) > opts.seq_len:
+            if opts.overlong == "drop":
+                status[k] = 1
+                continue
+            ids, mask = ids[: opts.seq_len], mask[: opts.seq_len]
+        t = sum(mask)
+        if t < max(opts.min_assistant_tokens, 1):
+            status[k] = 2
+            continue
+        kept[k], trained[k], targets[k] = len(ids), t, t - mask[0]
+        ids_all += ids
+        mask_all += mask
+    return {"ids": np.array(ids_all, np.int32), "mask": np.array(mask_all, np.uint8), "kept": kept, "full": full,
+            "status": status, "trained": trained, "targets": targets}
+
+
+def _chunks(dialogs, on_group):
+    """Dialogs -> lists of at most CHUNK_ROWS dialogs or about CHUNK_CHARS characters; on_group(dialog) sees
+    each dialog in order (the group bookkeeping stays in the main process)."""
+    chunk, chars = [], 0
+    for d in dialogs:
+        on_group(d)
+        chunk.append(d)
+        chars += len(d["text"]) if "text" in d else sum(len(m.get("content") or "") for m in d["messages"])
+        if len(chunk) >= CHUNK_ROWS or chars >= CHUNK_CHARS:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
+
+
+def resolve_workers(workers: int) -> int:
+    if workers > 0:
+        return workers
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _tokenized(chunks, tokenizer: Tokenizer, opts: DataOptions, workers: int):
+    """Encoded chunks in input order. With several workers, at most 2 per worker are in flight (memory
+    stays bounded whatever the corpus size); a single chunk is encoded here without starting any."""
+    chunks = iter(chunks)
+    head = list(islice(chunks, 2))
+    if workers <= 1 or len(head) < 2:
+        for c in chain(head, chunks):
+            yield _encode_chunk(c, opts, tokenizer)
+        return
+    # fork where the platform has it (no re-import of the caller's modules); the functions are spawn-safe too
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer.path), dict(tokenizer.special_tokens))) as pool:
+        pending = deque(pool.apply_async(_encode_chunk, (c, opts)) for c in head)
+        while True:
+            try:
+                while len(pending) < 2 * workers:
+                    c = next(chunks, None)
+                    if c is None:
+                        break
+                    pending.append(pool.apply_async(_encode_chunk, (c, opts)))
+            except DataError:  # a bad row read later: the earlier rows' errors come first, as with one worker
+                while pending:
+                    pending.popleft().get()
+                raise
+            if not pending:
+                return
+            yield pending.popleft().get()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prepare_corpus: sources -> tokenized temp arrays -> split and order -> the folder.
+
+
+def _write_npy(path: Path, dtype, n: int):
+    """An open .npy file whose header says [n] of dtype; the caller appends the data."""
+    f = open(path, "wb")
+    np.lib.format.write_array_header_1_0(f, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": (n,)})
+    return f
+
+
+class _Progress:
+    """One line rewritten in place on a terminal, a line every 10 s in a log; silent for work under 2 s."""
+
+    def __init__(self, show: bool):
+        self.show, self.t0, self.last, self.tty = show, time.time(), time.time(), sys.stdout.isatty()
+        self.shown = False
+
+    def __call__(self, rows: int, tokens: int, done: bool = False) -> None:
+        now = time.time()
+        if not self.show or (not done and now - self.last < (1 if self.tty else 10)) or (done and not self.shown):
+            return
+        if not done and now - self.t0 < 2:
+            return
+        self.last, self.shown = now, True
+        dt = max(now - self.t0, 1e-9)
+        print(f"{chr(13) if self.tty else ''}tokenizing: {rows:,} rows, {tokens:,} tokens, {rows / dt:,.0f} rows/s, "
+              f"{tokens / dt / 1e6:.2f}M tokens/s, {dt:.0f}s   ", end="\n" if done or not self.tty else "", flush=True)
+
+
+def _empty_stats() -> dict:
+    return {"rows": 0, "accepted": 0, "val": 0, "skipped": {}, "truncated": 0, "tokens": 0, "trained_tokens": 0,
+            "min_tokens": None, "max_tokens": 0}
+
+
+def _finish_stats(s: dict) -> dict:
+    kept = s["accepted"] + s["val"]
+    s["mean_tokens"] = round(s["tokens"] / kept, 1) if kept else 0
+    return s
+
+
+def prepare_corpus(data: list[str], tokenizer: Tokenizer, dest: Path, opts: DataOptions, *, workers: int = 0,
+                   progress: bool = True, key: dict | None = None) -> dict:
+    """Tokenize, filter and split the sources into the folder `dest` (replaced atomically); returns meta.json's
+    content. A DataError leaves `dest` as it was."""
+    dest = Path(dest)
+    key = key or corpus_key(data, tokenizer, opts)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        meta = _prepare(data, tokenizer, tmp, opts, resolve_workers(workers), progress, key)
+        old = dest.parent / f".old-{dest.name}-{os.getpid()}"
+        if dest.exists():
+            os.rename(dest, old)
+        os.rename(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+        return meta
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prepare(data, tokenizer, tmp: Path, opts: DataOptions, workers: int, progress: bool, key: dict) -> dict:
+    # 1) every sample of every source, tokenized in file order, appended to flat temp files
+    per: dict[str, list] = {k: [] for k in ("kept", "full", "status", "trained", "targets", "group")}
+    show = _Progress(progress)
+    rows = tokens = 0
+    with open(tmp / "all_ids.bin", "wb") as fi, open(tmp / "all_mask.bin", "wb") as fm:
+        for spec in data:
+            path, _ = parse_data_spec(spec)
+            groups: dict[str, int] = {}
+            group_of: list[int] = []
+
+            def on_group(d, groups=groups, group_of=group_of):
+                group_of.append(groups.setdefault(d["group"], len(groups)))
+
+            dialogs = read_dialogs(path, oasst_top_k=opts.oasst_top_k, oasst_lang=list(opts.oasst_lang) or None,
+                                   text_as_lm=opts.text_as_lm)
+            for r in _tokenized(_chunks(dialogs, on_group), tokenizer, opts, workers):
+                fi.write(r["ids"].tobytes())
+                fm.write(r["mask"].tobytes())
+                for k in ("kept", "full", "status", "trained", "targets"):
+                    per[k].append(r[k])
+                rows += len(r["kept"])
+                tokens += len(r["ids"])
+                show(rows, tokens)
+            per["group"].append(np.array(group_of, np.int64))
+    show(rows, tokens, done=True)
+    cat = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in per.items() if k != "group"}
+    start = np.zeros(len(cat["kept"]) + 1, np.int64)  # where each sample's kept tokens are in the temp files
+    np.cumsum(cat["kept"], out=start[1:])
+
+    # 2) per source: shuffle its groups (one Random(seed) across sources, in order), keep the fraction,
+    # hold out the first groups until the val share is reached; samples keep their file order within a group
+    rng = random.Random(opts.seed)
+    order = {"train": [], "val": []}
+    stats = {"files": {}}
+    first = 0
+    for s, spec in enumerate(data):
+        path, fraction = parse_data_spec(spec)
+        group = per["group"][s]  # group index of each of the source's samples, numbered by first appearance
+        n_groups = int(group.max()) + 1 if len(group) else 0
+        perm = list(range(n_groups))
+        rng.shuffle(perm)
+        chosen = np.array(perm[: max(1, round(n_groups * fraction))] if n_groups else perm, np.int64)
+        size = np.bincount(group, minlength=n_groups)
+        g_start = np.zeros(n_groups + 1, np.int64)
+        np.cumsum(size, out=g_start[1:])
+        by_group = np.argsort(group, kind="stable")  # samples of group g: by_group[g_start[g]:g_start[g + 1]]
+        lens = size[chosen]
+        ends = np.cumsum(lens)
+        at = np.repeat(g_start[chosen] - (ends - lens), lens) + np.arange(int(ends[-1]) if len(ends) else 0)
+        picked = first + by_group[at]  # the chosen groups' samples, group after group
+        first += len(group)
+        n_val = min(opts.max_val, int(len(picked) * opts.val_split))
+        in_val = np.repeat(ends - lens < n_val, lens)  # whole groups until n_val samples are held out
+        status = cat["status"][picked]
+        st = _empty_stats()
+        st["rows"] = len(picked)
+        for code, why in enumerate(SKIP_REASONS, 1):
+            if (k := int((status == code).sum())):
+                st["skipped"][why] = k
+        for split, sel in (("train", picked[(status == 0) & ~in_val]), ("val", picked[(status == 0) & in_val])):
+            if not len(sel):
+                continue
+            order[split].append(sel)
+            kept = cat["kept"][sel]
+            st["accepted" if split == "train" else "val"] += len(sel)
+            st["truncated"] += int((cat["full"][sel] > kept).sum())
+            st["tokens"] += int(kept.sum())
+            st["trained_tokens"] += int(cat["trained"][sel].sum())
+            st["min_tokens"] = int(kept.min()) if st["min_tokens"] is None else min(st["min_tokens"], int(kept.min()))
+            st["max_tokens"] = max(st["max_tokens"], int(kept.max()))
+        stats["files"][str(path)] = _finish_stats(st)
+    files = list(stats["files"].values())
+    total = {k: sum(f[k] for f in files) for k in ("rows", "accepted", "val", "truncated", "tokens", "trained_tokens")}
+    total["skipped"] = {}
+    for f in files:
+        for why, k in f["skipped"].items():
+            total["skipped"][why] = total["skipped"].get(why, 0) + k
+    mins = [f["min_tokens"] for f in files if f["min_tokens"] is not None]
+    total["min_tokens"], total["max_tokens"] = (min(mins) if mins else None), max((f["max_tokens"] for f in files), default=0)
+    stats["total"] = _finish_stats(total)
+    if not order["train"]:
+        raise DataError(f"no training samples left after filtering ({json.dumps(stats['files'])})")
+
+    # 3) each split's arrays, gathered from the temp files in the chosen order, a block at a time
+    splits = {}
+    with open(tmp / "all_ids.bin", "rb") as fi, open(tmp / "all_mask.bin", "rb") as fm:
+        for name, parts in order.items():
+            if not parts:
+                continue
+            sel = np.concatenate(parts)
+            lens = cat["kept"][sel].astype(np.int64)
+            offsets = np.zeros(len(sel) + 1, np.int64)
+            np.cumsum(lens, out=offsets[1:])
+            d = tmp / name
+            d.mkdir()
+            with _write_npy(d / "ids.npy", np.int32, int(offsets[-1])) as oi, \
+                    _write_npy(d / "mask.npy", np.uint8, int(offsets[-1])) as om:
+                for a in range(0, len(sel), 1024):
+                    block = sel[a: a + 1024]
+                    oi.write(b"".join(os.pread(fi.fileno(), 4 * int(cat["kept"][i]), 4 * int(start[i])) for i in block))
+                    om.write(b"".join(os.pread(fm.fileno(), int(cat["kept"][i]), int(start[i])) for i in block))
+            np.save(d / "offsets.npy", offsets)
+            np.save(d / "targets.npy", cat["targets"][sel].astype(np.int32))
+            pack_rows, pack_samples = pack_plan(lens, opts.seq_len)
+            np.save(d / "pack_rows.npy", pack_rows)
+            np.save(d / "pack_samples.npy", pack_samples)
+            splits[name] = {"samples": len(sel), "tokens": int(offsets[-1]), "packed_rows": len(pack_rows) - 1,
+                            "packing_efficiency": round(int(offsets[-1]) / ((len(pack_rows) - 1) * opts.seq_len), 4)}
+    (tmp / "all_ids.bin").unlink()
+    (tmp / "all_mask.bin").unlink()
+    meta = {"format": "llama2-sft tokenized corpus", "key": key, "stats": stats, "splits": splits}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Packing: best-fit decreasing over sample lengths -> row plans (numpy), never token copies.
+
+
+def pack_plan(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best-fit-decreasing bin packing of samples into rows of seq_len tokens.
+
+    Samples are taken longest first (ties in sample order); each goes into the row with the least room that
+    still fits it (ties: the oldest row), else opens a row. Returns (row_starts [R + 1], samples [n]): row r
+    holds samples[row_starts[r]:row_starts[r + 1]] in the order they were placed."""
+    lengths = np.asarray(lengths, np.int64)
+    if len(lengths) and int(lengths.max()) > seq_len:
+        raise ValueError(f"a sample of {int(lengths.max())} tokens does not fit in a row of {seq_len}")
+    order = np.argsort(-lengths, kind="stable")
+    rooms: list[int] = []  # the distinct room values that some row has left, sorted
+    rows_with: dict[int, list[int]] = {}  # room -> heap of the rows with that room
+    row_of: list[int] = []
+    n_rows = 0
+    for n in lengths[order].tolist():
+        j = bisect_left(rooms, n)
+        if j == len(rooms):
+            r, room = n_rows, seq_len - n
+            n_rows += 1
+        else:
+            old = rooms[j]
+            heap = rows_with[old]
+            r, room = heapq.heappop(heap), old - n
+            if not heap:
+                del rows_with[old], rooms[j]
+        row_of.append(r)
+        if room > 0:
+            if room in rows_with:
+                heapq.heappush(rows_with[room], r)
+            else:
+                rows_with[room] = [r]
+                insort(rooms, room)
+    row_of_a = np.array(row_of, np.int64)
+    samples = order[np.argsort(row_of_a, kind="stable")]
+    starts = np.zeros(n_rows + 1, np.int64)
+    np.cumsum(np.bincount(row_of_a, minlength=n_rows), out=starts[1:])
+    return starts, samples.astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading a prepared folder; micro-batches.
+
+
+@dataclass
+class Split:
+    """One split of a corpus: memory-mapped arrays (or in-memory ones, see `split_from_samples`)."""
+    ids: np.ndarray
+    mask: np.ndarray
+    offsets: np.ndarray
+    targets: np.ndarray
+    pack_rows: np.ndarray | None = None  # the cached best-fit-decreasing plan, at `pack_seq_len`
+    pack_samples: np.ndarray | None = None
+    pack_seq_len: int = 0
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.ids[a:b], self.mask[a:b]
+
+
+@dataclass
+class Rows:
+    """A row plan: row r holds samples[starts[r]:starts[r + 1]]; targets[r] = its trained labels."""
+    starts: np.ndarray
+    samples: np.ndarray
+    targets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+
+def split_from_samples(samples: list[tuple[list[int], list[bool]]]) -> Split:
+    """An in-memory Split from (ids, mask) pairs."""
+    lens = np.array([len(ids) for ids, _ in samples], np.int64)
+    offsets = np.zeros(len(samples) + 1, np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    ids = np.array([t for s, _ in samples for t in s], np.int32)
+    mask = np.array([m for _, ms in samples for m in ms], np.uint8)
+    targets = np.array([sum(m[1:]) for _, m in samples], np.int32)
+    return Split(ids, mask, offsets, targets)
+
+
+def make_rows(split: Split, seq_len: int, packing: bool = True) -> Rows:
+    """The split's row plan: best-fit-decreasing packing (the folder's cached plan when it was made for this
+    seq_len), or one sample per row."""
+    n = len(split)
+    if not packing:
+        starts, samples = np.arange(n + 1, dtype=np.int64), np.arange(n, dtype=np.int64)
+    elif split.pack_rows is not None and split.pack_seq_len == seq_len:
+        starts, samples = np.asarray(split.pack_rows), np.asarray(split.pack_samples)
+    else:
+        starts, samples = pack_plan(split.lengths, seq_len)
+    per_sample = np.asarray(split.targets, np.int64)[samples]
+    targets = np.add.reduceat(per_sample, starts[:-1]) if n else np.zeros(0, np.int64)
+    return Rows(starts, samples, targets)
+
+
+def build_batch(split: Split, rows: Rows, which, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """tokens/labels/doc_ids [len(which), seq_len] (int64) for the rows `which`. labels[i] is the next token
+    where that token is trained, else -100; each sample is its own document, the padded tail one more."""
+    which = np.asarray(which, np.int64).reshape(-1)
+    tokens = np.full((len(which), seq_len), pad_id, np.int64)
+    labels = np.full((len(which), seq_len), -100, np.int64)
+    doc_ids = np.empty((len(which), seq_len), np.int64)
+    for b, r in enumerate(which.tolist()):
+        t = 0
+        members = rows.samples[rows.starts[r]: rows.starts[r + 1]]
+        for d, s in enumerate(members.tolist()):
+            a, e = int(split.offsets[s]), int(split.offsets[s + 1])
+            n = e - a
+            tokens[b, t: t + n] = split.ids[a:e]
+            labels[b, t: t + n - 1] = np.where(split.mask[a + 1: e] != 0, split.ids[a + 1: e], -100)
+            doc_ids[b, t: t + n] = d
+            t += n
+        doc_ids[b, t:] = len(members)  # the padding is its own document
+    return {"tokens": tokens, "labels": labels, "doc_ids": doc_ids}
+
+
+def is_prepared(path: Path) -> bool:
+    """Whether `path` is a folder written by prepare_corpus (meta.json + train/ids.npy)."""
+    path = Path(path)
+    return path.is_dir() and (path / "meta.json").is_file() and (path / "train" / "ids.npy").is_file()
+
+
+def read_meta(folder: Path) -> dict:
+    try:
+        meta = json.loads((Path(folder) / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"prepared data {folder}: cannot read meta.json ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("key"), dict) or not isinstance(meta.get("splits"), dict):
+        raise DataError(f"prepared data {folder}: meta.json lacks the key and splits prepare_corpus writes")
+    return meta
+
+
+def open_corpus(folder: Path, tokenizer: Tokenizer | None = None) -> tuple[dict, dict[str, Split]]:
+    """(meta, {"train": Split, "val": Split (when there is one)}) of a prepared folder, memory-mapped and
+    checked: every array there with the right dtype and a length that agrees with the others, and, given a
+    tokenizer, the same tokenizer sha256 as the one it was written with. Any disagreement is a DataError
+    naming the folder."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    if tokenizer is not None and meta["key"].get("tokenizer_sha256") != tokenizer_sha256(tokenizer):
+        raise DataError(f"prepared data {folder} was tokenized with another tokenizer (sha256 "
+                        f"{str(meta['key'].get('tokenizer_sha256'))[:12]}..., this run's is "
+                        f"{tokenizer_sha256(tokenizer)[:12]}...; with --template chatml the added tokens count): "
+                        "prepare it again with this run's --ckpt and --template")
+    splits = {}
+    for name in ("train", "val"):
+        if name not in meta["splits"]:
+            continue
+        d = folder / name
+        arrays = {}
+        for k, dtype in ARRAYS.items():
+            try:
+                a = np.load(d / f"{k}.npy", mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise DataError(f"prepared data {folder}: cannot read {name}/{k}.npy ({e})") from None
+            if a.dtype != np.dtype(dtype) or a.ndim != 1:
+                raise DataError(f"prepared data {folder}: {name}/{k}.npy is {a.dtype} {a.shape}, expected 1-d {np.dtype(dtype)}")
+            arrays[k] = a
+        offsets = np.asarray(arrays["offsets"])
+        n = len(offsets) - 1
+        problems = []
+        if n < 0 or offsets[0] != 0 or (n and (np.diff(offsets) <= 0).any()):
+            problems.append("offsets.npy does not start at 0 and increase")
+        elif offsets[-1] != len(arrays["ids"]) or len(arrays["mask"]) != len(arrays["ids"]):
+            problems.append(f"ids.npy has {len(arrays['ids'])} tokens, mask.npy {len(arrays['mask'])}, "
+                            f"offsets.npy ends at {offsets[-1]}")
+        if len(arrays["targets"]) != n or len(arrays["pack_samples"]) != n:
+            problems.append(f"offsets.npy holds {n} samples, targets.npy {len(arrays['targets'])}, "
+                            f"pack_samples.npy {len(arrays['pack_samples'])}")
+        rows = np.asarray(arrays["pack_rows"])
+        if not problems and (len(rows) < 1 or rows[0] != 0 or rows[-1] != n or (np.diff(rows) <= 0).any()
+                             or (n and np.bincount(arrays["pack_samples"], minlength=n).max(initial=0) != 1)):
+            problems.append("pack_rows.npy/pack_samples.npy are not a plan over every sample once")
+        if not problems and meta["splits"][name].get("samples") != n:
+            problems.append(f"meta.json says {meta['splits'][name].get('samples')} samples, offsets.npy holds {n}")
+        if problems:
+            raise DataError(f"prepared data {folder}: the {name} arrays disagree: {'; '.join(problems)}; "
+                            "prepare it again (--prepare-data)")
+        splits[name] = Split(arrays["ids"], arrays["mask"], offsets, arrays["targets"], rows,
+                             arrays["pack_samples"], int(meta["key"].get("seq_len", 0)))
+    if "train" not in splits:
+        raise DataError(f"prepared data {folder}: meta.json lists no train split")
+    return meta, splits
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Showing what trains.
+
+
+def render_sample(tokenizer: Tokenizer, ids, mask, color: bool = False) -> str:
+    """The sample's text with every trained span marked ([[...]], or green on a terminal) and the special
+    tokens (bos, eos, added tokens) written out as their pieces."""
+    sp = tokenizer.sp
+    added = {i: t for t, i in tokenizer.special_tokens.items()}
+    out, trained_now, pending = [], False, bytearray()
+    open_, close = ("\x1b[32m", "\x1b[0m") if color else ("[[", "]]")
+
+    def flush_bytes():
+        if pending:
+            out.append(pending.decode("utf-8", errors="replace"))
+            pending.clear()
+
+    for i, m in zip(np.asarray(ids).tolist(), np.asarray(mask).tolist()):
+        if bool(m) != trained_now:
+            flush_bytes()
+            out.append(open_ if m else close)
+            trained_now = bool(m)
+        if i in added:
+            flush_bytes()
+            out.append(added[i])
+        elif sp.is_control(i) or sp.is_unknown(i):
+            flush_bytes()
+            out.append(sp.id_to_piece(i))
+        elif sp.is_byte(i):
+            pending.append(int(sp.id_to_piece(i)[3:5], 16))
+        else:
+            flush_bytes()
+            out.append(sp.id_to_piece(i).replace("\u2581", " "))
+    flush_bytes()
+    if trained_now:
+        out.append(close)
+    return "".join(out)
+
+
+def show_samples(split: Split, tokenizer: Tokenizer, n: int, color: bool = False) -> str:
+    """The first n samples of a split, rendered by render_sample, each under a header line."""
+    parts = []
+    for i in range(min(n, len(split))):
+        ids, mask = split.sample(i)
+        parts.append(f"--- sample {i}: {len(ids)} tokens, {int(np.asarray(mask).sum())} trained, marked "
+                     f"{'in green' if color else 'by double brackets'}\n{render_sample(tokenizer, ids, mask, color)}")
+    return "\n".join(parts)

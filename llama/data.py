@@ -1,0 +1,506 @@
+"""Training data files -> dialogs.
+
+Containers: `.jsonl` (one object per line), `.json` (an array of objects, or one object per line), their
+`.gz` forms, `.parquet` (through pyarrow, the optional `[data]` extra; read a batch of rows at a time), and a
+folder of such files (its data files in name order, not its subfolders). Rows are streamed: no file is held
+as one string.
+
+Formats, detected per file from its first row (every row of a file must have the same one):
+
+  chat          {"messages": [{"role", "content"}, ...]}; other keys (Tulu 2's "dataset", "id") are ignored
+  sharegpt      {"conversations": [{"from": "human"|"gpt"|"system"|..., "value"}, ...]}
+  alpaca        {"instruction", "input", "output"}: the input rides on the user message as "input"
+  oasst_message OpenAssistant message rows {"message_id", "parent_id", "message_tree_id", "role", "text", ...}
+                (the hub's parquet, `*.messages.jsonl.gz`), linked into trees
+  oasst_tree    OpenAssistant trees {"message_tree_id", "tree_state", "prompt": {..., "replies": [...]}}
+                (`*.trees.jsonl.gz`); both OpenAssistant forms give one dialog per thread (rules below)
+  text          {"text"} in a chat form: Llama-2 [INST], Guanaco "### Human:", ChatML, Tulu "<|user|>"
+
+Every dialog is checked by `llama.chat.validate_dialog`; bad data is a DataError naming `file:row` (the line
+of a .jsonl, the 1-based index of the row in a .json array or a parquet file).
+"""
+import gzip
+import io
+import itertools
+import json
+import math
+import re
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from .chat import validate_dialog
+
+DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, which some editors put first in a file
+JSON_CHUNK = 1 << 20  # characters of a .json array read at a time
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+class DataError(ValueError):
+    """Bad user data; the message names the file and the row."""
+
+
+def parse_data_spec(spec: str) -> tuple[Path, float]:
+    """`path` or `path:fraction` (the share of that file or folder to use, as in dataset mixes)."""
+    path, _, frac = spec.rpartition(":")
+    if path and frac.replace(".", "", 1).isdigit():
+        fraction = float(frac)
+        if not 0 < fraction <= 1:
+            raise DataError(f"--data {spec}: fraction must be in (0, 1], got {fraction}")
+        return Path(path), fraction
+    return Path(spec), 1.0
+
+
+def is_data_file(path: Path) -> bool:
+    return path.name.lower().endswith(DATA_SUFFIXES)
+
+
+def data_files(path: Path) -> list[Path]:
+    """A file -> [file]; a folder -> its data files, sorted by name."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist")
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and is_data_file(p) and not p.name.startswith("."))
+    if not files:
+        hint = ""
+        sub = [d.name for d in sorted(path.iterdir()) if d.is_dir() and any(map(is_data_file, d.iterdir()))]
+        if sub:
+            hint = f"; its subfolder {sub[0]}/ has some: pass {path / sub[0]}"
+        raise DataError(f"{path}: the folder holds no data files (expected {', '.join(DATA_SUFFIXES)}){hint}")
+    return files
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Containers -> rows.
+
+
+def iter_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """(row number from 1, row) of one data file; a .jsonl row's number is its line."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist")
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        yield from _parquet_rows(path)
+        return
+    n = 0
+    try:
+        with (gzip.open(path, "rb") if name.endswith(".gz") else open(path, "rb")) as f:
+            start = f.read(4096).removeprefix(BOM).lstrip()[:1]
+            f.seek(0)
+            if start == b"[":
+                for n, row in _json_array_rows(path, f):
+                    yield n, row
+                return
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield n, json.loads(line.decode("utf-8-sig" if n == 1 else "utf-8"))
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line)")
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); "
+                                    "expected one JSON object per line")
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}:{n + 1}: cannot read the file: {e}") from None
+
+
+def _json_array_rows(path: Path, f) -> Iterator[tuple[int, object]]:
+    """Rows of a JSON array, decoded one element at a time from a growing text buffer."""
+    text = io.TextIOWrapper(f, encoding="utf-8-sig")
+    decoder = json.JSONDecoder()
+    buf, pos, n, eof, chunk = "", 0, 0, False, JSON_CHUNK
+
+    def more() -> bool:
+        nonlocal buf, pos, eof
+        if eof:
+            return False
+        try:
+            got = text.read(max(chunk, len(buf) - pos))  # doubling: an element larger than a chunk costs O(size)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{n + 1}: not UTF-8 text ({e.reason})") from None
+        buf, pos, eof = buf[pos:] + got, 0, not got
+        return bool(got)
+
+    def skip_space() -> None:
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(buf) or not more():
+                return
+
+    skip_space()
+    assert buf[pos] == "["
+    pos += 1
+    while True:
+        skip_space()
+        if pos >= len(buf):
+            raise DataError(f"{path}:{n + 1}: not valid JSON (the array is not closed)")
+        if buf[pos] == "]":
+            return
+        if n:
+            if buf[pos] != ",":
+                raise DataError(f"{path}:{n + 1}: not valid JSON (expected ',' or ']' after row {n})")
+            pos += 1
+            skip_space()
+        while True:
+            try:
+                row, end = decoder.raw_decode(buf, pos)
+                if end == len(buf) and not eof:  # a number may continue in the next chunk
+                    raise json.JSONDecodeError("truncated", buf, end)
+                break
+            except json.JSONDecodeError as e:
+                # An element cut by the chunk end looks like bad JSON: read on; at the end of the file it is bad.
+                if not more():
+                    raise DataError(f"{path}:{n + 1}: not valid JSON ({e.msg}); expected a JSON array of objects")
+        n += 1
+        pos = end
+        yield n, row
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading parquet files needs pyarrow: pip install pyarrow "
+                        "(or this project's [data] extra)") from None
+    n = 0
+    try:
+        pf = pq.ParquetFile(path)
+        for batch in pf.iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                n += 1
+                yield n, row
+    except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError, ArrowIOError an OSError
+        raise DataError(f"{path}:{n + 1}: cannot read the parquet file: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rows -> dialogs.
+
+
+def read_dialogs(path: Path, *, oasst_top_k: int = 0, oasst_lang: Sequence[str] | None = None,
+                 text_as_lm: bool = False) -> Iterator[dict]:
+    """Samples of a data file or folder: {"where": "file:row", "group": str, "messages": [...]}, or
+    {"where", "group", "text"} for a text row without chat markers when `text_as_lm` (trained whole).
+
+    Order: files in name order, rows in file order; OASST message rows are gathered over the whole folder (a
+    hub snapshot cuts its shards anywhere in a tree) and their threads come last, trees in order of first
+    appearance, threads depth first. "group" is what a train/val split draws by: the OASST tree, else the row.
+    """
+    oasst_rows: dict[str, dict] = {}
+    for file in data_files(Path(path)):
+        rows = iter_rows(file)
+        first = next(rows, None)
+        if first is None:
+            continue
+        fmt = row_format(first[1], f"{file}:{first[0]}")
+        for n, row in itertools.chain([first], rows):
+            where = f"{file}:{n}"
+            if n != first[0] and (f := row_format(row, where)) != fmt:
+                raise DataError(f"{where}: row is {FORMAT_NAMES[f]} but the file's first row ({file}:{first[0]}) is "
+                                f"{FORMAT_NAMES[fmt]}; every row of a file must have the same format")
+            if fmt == "oasst_message":
+                add_oasst_message(oasst_rows, row, where)
+            elif fmt == "oasst_tree":
+                yield from oasst_dialogs(oasst_tree_node(row, where), oasst_top_k, oasst_lang)
+            elif fmt == "text":
+                msgs = text_to_messages(row["text"], where, text_as_lm)
+                yield {"where": where, "group": where, **({"messages": msgs} if msgs else {"text": row["text"]})}
+            else:
+                yield {"where": where, "group": where, "messages": to_messages(row, fmt, where)}
+    for root in link_oasst_messages(oasst_rows):
+        yield from oasst_dialogs(root, oasst_top_k, oasst_lang)
+
+
+FORMAT_NAMES = {"chat": "chat messages", "sharegpt": "ShareGPT", "alpaca": "Alpaca", "text": "a text row",
+                "oasst_message": "an OpenAssistant message", "oasst_tree": "an OpenAssistant tree"}
+
+
+def row_format(row, where: str) -> str:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        return "chat"
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if "message_id" in row:
+        return "oasst_message"
+    if "message_tree_id" in row and "prompt" in row:
+        return "oasst_tree"
+    if "text" in row:
+        return "text"
+    raise DataError(f"{where}: row has no recognisable format; expected {{\"messages\": [...]}}, "
+                    "Alpaca {\"instruction\", \"input\", \"output\"}, ShareGPT {\"conversations\": [...]}, "
+                    "an OpenAssistant message {\"message_id\", \"parent_id\", ...} or tree "
+                    "{\"message_tree_id\", \"prompt\"}, or {\"text\"}; "
+                    f"found keys {sorted(row)}")
+
+
+def to_messages(row: dict, fmt: str, where: str) -> list[dict]:
+    """One row of a row-per-dialog format (chat, sharegpt, alpaca) -> checked [{"role", "content"}, ...]."""
+    if fmt == "chat":
+        msgs = row["messages"]
+    elif fmt == "sharegpt":
+        msgs = []
+        for turn in row["conversations"] if isinstance(row["conversations"], list) else [None]:
+            if not isinstance(turn, dict) or turn.get("from") not in SHAREGPT_ROLES:
+                raise DataError(f"{where}: ShareGPT turn {turn!r} has no known 'from' "
+                                f"(expected one of {sorted(SHAREGPT_ROLES)})")
+            msgs.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn.get("value")})
+    else:  # alpaca: the input, when present, follows the instruction
+        assert fmt == "alpaca", fmt
+        user = {"role": "user", "content": row["instruction"]}
+        if row.get("input"):
+            user["input"] = row["input"]
+        msgs = [user, {"role": "assistant", "content": row["output"]}]
+    check_dialog(msgs, where)
+    return msgs
+
+
+def check_dialog(msgs, where: str) -> None:
+    try:
+        validate_dialog(msgs)
+    except ValueError as e:
+        raise DataError(f"{where}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Text rows in a chat form -> turns. Each turn's content is stripped of surrounding whitespace and of the
+# <s> / </s> tags around it; the markers themselves are dropped (the template puts its own back).
+
+TEXT_FORMS = {
+    "[INST]": "llama2",  # <s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{q} [/INST] {a} </s><s>[INST] {q2} [/INST] ...
+    "### Human:": "guanaco",  # ### Human: {q}### Assistant: {a}### Human: ...
+    "<|im_start|>": "chatml",  # <|im_start|>{role}\n{content}<|im_end|>\n...
+    "<|user|>": "tulu", "<|system|>": "tulu",  # <|system|>\n{s}\n<|user|>\n{q}\n<|assistant|>\n{a}</s>\n...
+}
+
+
+def text_to_messages(text, where: str, text_as_lm: bool = False) -> list[dict] | None:
+    """A {"text"} row -> messages, from the chat markers the text starts with (after an optional <s>).
+    None (train the text whole) when it has none and `text_as_lm`; otherwise that is a DataError."""
+    if not isinstance(text, str):
+        raise DataError(f"{where}: 'text' must be a string, got {type(text).__name__}")
+    s = _untag(text, head=True)
+    if not s:
+        raise DataError(f"{where}: the text is empty")
+    form = next((f for marker, f in TEXT_FORMS.items() if s.startswith(marker)), None)
+    if form is None:
+        if text_as_lm:
+            return None
+        raise DataError(f"{where}: the text starts with none of the chat markers tried ({', '.join(TEXT_FORMS)}, "
+                        f"after an optional <s>): {text[:60]!r}; to train on whole texts as plain language "
+                        "modelling, pass --text-as-lm")
+    msgs = {"llama2": _llama2_turns, "guanaco": _guanaco_turns, "chatml": _chatml_turns, "tulu": _tulu_turns}[form](
+        s, where)
+    check_dialog(msgs, where)
+    return msgs
+
+
+def _untag(s: str, head: bool = False) -> str:
+    """s stripped of whitespace and of <s> / </s> tags at its end (and at its start when `head`)."""
+    while True:
+        t = s.strip()
+        for tag in ("<s>", "</s>"):
+            t = t.removesuffix(tag)
+            if head:
+                t = t.removeprefix(tag)
+        if t == s:
+            return t
+        s = t
+
+
+def _llama2_turns(s: str, where: str) -> list[dict]:
+    exchanges = s.split("[INST]")[1:]
+    msgs = []
+    for k, ex in enumerate(exchanges):
+        q, sep, a = ex.partition("[/INST]")
+        if not sep and k < len(exchanges) - 1:
+            raise DataError(f"{where}: exchange {k + 1} of the [INST] text has no [/INST]")
+        q = q.strip()
+        if k == 0 and q.startswith("<<SYS>>"):
+            system, sep, q = q.removeprefix("<<SYS>>").partition("<</SYS>>")
+            if not sep:
+                raise DataError(f"{where}: the [INST] text opens <<SYS>> but never closes it with <</SYS>>")
+            msgs.append({"role": "system", "content": system.strip()})
+        msgs.append({"role": "user", "content": _untag(q)})
+        a = _untag(a)
+        if a or k < len(exchanges) - 1:  # a final [INST] without a reply is a prompt: kept, not trained
+            msgs.append({"role": "assistant", "content": a})
+    return msgs
+
+
+def _split_turns(s: str, pattern: str, roles: dict) -> list[dict]:
+    parts = re.split(pattern, s)  # [text before the first marker (empty), marker, content, marker, ...]
+    return [{"role": roles[m], "content": _untag(c)} for m, c in zip(parts[1::2], parts[2::2])]
+
+
+def _guanaco_turns(s: str, where: str) -> list[dict]:
+    return _split_turns(s, r"### (Human|Assistant):", {"Human": "user", "Assistant": "assistant"})
+
+
+def _tulu_turns(s: str, where: str) -> list[dict]:
+    return _split_turns(s, r"<\|(system|user|assistant)\|>", {r: r for r in ("system", "user", "assistant")})
+
+
+def _chatml_turns(s: str, where: str) -> list[dict]:
+    msgs = []
+    for k, block in enumerate(s.split("<|im_start|>")[1:]):
+        role, _, rest = block.partition("\n")
+        content, _, after = rest.partition("<|im_end|>")
+        if role.strip() not in ("system", "user", "assistant"):
+            raise DataError(f"{where}: ChatML block {k + 1} has role {role.strip()!r}; expected system, user "
+                            "or assistant")
+        if _untag(after):
+            raise DataError(f"{where}: text after <|im_end|> of ChatML block {k + 1}: {_untag(after)[:40]!r}")
+        msgs.append({"role": role.strip(), "content": _untag(content)})
+    return msgs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# OpenAssistant (OASST1, OASST2): message rows (a flat table) or trees (one per line, replies nested). Both
+# become trees of nodes, then one dialog per thread, by OpenAssistant's own SFT export rules (model_training's
+# load_oasst_export): a tree counts if its state (when given) is ready_for_export, its prompt passed review
+# and its language is wanted; a thread runs from the root prompt to a leaf (a message without replies); a
+# deleted or synthetic message anywhere drops it; with top_k, each assistant message needs rank < top_k, or
+# no rank and no sibling; a thread ending in a prompter message counts only when that message is its
+# parent's first reply, and it is dropped from the dialog. Siblings are ordered by rank, unranked last, then
+# file order (the order OpenAssistant's tree export writes).
+
+OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
+
+
+def _oasst_node(row: dict, where: str, required: tuple[str, ...], ident: str = "") -> dict:
+    """The fields the rules and the dialog need, checked; `ident` names the message in errors."""
+    what = f"OpenAssistant message {row.get('message_id') or ident}".rstrip()
+    for field in required:
+        if row.get(field) is None:
+            raise DataError(f"{where}: {what} has no {field!r} (found keys {sorted(row)})")
+    if row["role"] not in OASST_ROLES:
+        raise DataError(f"{where}: {what} has role {row['role']!r}; expected prompter or assistant")
+    if not isinstance(row["text"], str):
+        raise DataError(f"{where}: {what}: 'text' is {type(row['text']).__name__}, not a string")
+    rank = row.get("rank")
+    if isinstance(rank, float) and math.isnan(rank):  # a null rank after a trip through pandas
+        rank = None
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, float))):
+        raise DataError(f"{where}: {what}: rank {rank!r} is not a number")
+    return {"id": row["message_id"], "role": row["role"], "text": row["text"], "lang": row.get("lang"),
+            "rank": rank, "dropped": bool(row.get("deleted")) or bool(row.get("synthetic")),
+            "review_result": row.get("review_result"), "where": where, "replies": []}
+
+
+def oasst_tree_node(row: dict, where: str) -> dict:
+    """A tree row ({"message_tree_id", "tree_state", "prompt": {..., "replies": [...]}}) -> its root node."""
+    if not isinstance(row.get("prompt"), dict):
+        raise DataError(f"{where}: OpenAssistant tree {row.get('message_tree_id')!r} has no prompt message")
+
+    def node(m, path: str) -> dict:  # path: "prompt.0.2" = the prompt's first reply's third reply
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: OpenAssistant message {path} is {type(m).__name__}, not an object")
+        n = _oasst_node(m, where, ("message_id", "role", "text"), ident=path)
+        replies = m.get("replies") or []
+        if not isinstance(replies, list):
+            raise DataError(f"{where}: OpenAssistant message {n['id']}: 'replies' must be a list")
+        n["replies"] = _rank_order([node(r, f"{path}.{i}") for i, r in enumerate(replies)])
+        return n
+
+    root = node(row["prompt"], "prompt")
+    root["tree_id"], root["tree_state"] = str(row["message_tree_id"]), row.get("tree_state")
+    return root
+
+
+def add_oasst_message(nodes: dict[str, dict], row: dict, where: str) -> None:
+    """Keeps one message row (its needed fields) for linking into trees later."""
+    n = _oasst_node(row, where, ("message_id", "message_tree_id", "role", "text"))
+    if n["id"] in nodes:
+        raise DataError(f"{where}: OpenAssistant message {n['id']} appears twice (also at {nodes[n['id']]['where']})")
+    n["parent_id"], n["tree_id"], n["tree_state"] = row.get("parent_id"), str(row["message_tree_id"]), row.get(
+        "tree_state")
+    nodes[n["id"]] = n
+
+
+def link_oasst_messages(nodes: dict[str, dict]) -> list[dict]:
+    """Message rows -> tree roots, in order of each tree's first row. Only a tree's root prompt lacks a parent_id
+    (the JSON export leaves null fields out; the parquet has nulls)."""
+    roots: dict[str, dict | None] = {}
+    for n in nodes.values():
+        roots.setdefault(n["tree_id"], None)
+        if n["parent_id"] is None:
+            if roots[n["tree_id"]] is not None:
+                raise DataError(f"{n['where']}: OpenAssistant message {n['id']} has no 'parent_id', but only a "
+                                f"tree's root prompt may lack one and tree {n['tree_id']} already has its root at "
+                                f"{roots[n['tree_id']]['where']}")
+            roots[n["tree_id"]] = n
+        elif n["parent_id"] not in nodes:
+            raise DataError(f"{n['where']}: OpenAssistant message {n['id']}: its parent {n['parent_id']} is not in "
+                            "the data")
+        else:
+            parent = nodes[n["parent_id"]]
+            if parent["tree_id"] != n["tree_id"]:
+                raise DataError(f"{n['where']}: OpenAssistant message {n['id']} is in tree {n['tree_id']} but its "
+                                f"parent {parent['id']} is in tree {parent['tree_id']}")
+            parent["replies"].append(n)
+    for tree_id, root in roots.items():
+        if root is None:
+            first = next(n for n in nodes.values() if n["tree_id"] == tree_id)
+            raise DataError(f"{first['where']}: OpenAssistant tree {tree_id} has no root message (one without "
+                            "'parent_id'): its rows lack 'parent_id' or the parent links form a loop")
+    for n in nodes.values():
+        if len(n["replies"]) > 1:
+            n["replies"] = _rank_order(n["replies"])
+    return list(roots.values())
+
+
+def _rank_order(replies: list[dict]) -> list[dict]:
+    return sorted(replies, key=lambda r: (r["rank"] is None, r["rank"] or 0))  # stable: ties keep file order
+
+
+def oasst_dialogs(root: dict, top_k: int = 0, langs: Sequence[str] | None = None) -> Iterator[dict]:
+    """The dialogs of one tree (see the rules above), depth first."""
+    if root["tree_state"] is not None and root["tree_state"] != "ready_for_export":
+        return
+    if not root["review_result"] or (langs and root["lang"] not in langs):  # None or empty: every language
+        return
+    if root["role"] != "prompter":
+        raise DataError(f"{root['where']}: OpenAssistant tree {root['tree_id']} starts with an {root['role']} "
+                        "message; expected a prompter message")
+    stack = [[root]]  # threads whose last message is not yet a leaf
+    while stack:
+        thread = stack.pop()
+        last = thread[-1]
+        if last["replies"]:
+            stack.extend(thread + [r] for r in reversed(last["replies"]))
+            continue
+        if len(thread) < 2 or not _keep_thread(thread, top_k):
+            continue
+        if last["role"] == "prompter":
+            thread = thread[:-1]
+        for i, m in enumerate(thread):
+            if m["role"] != ("prompter", "assistant")[i % 2]:
+                raise DataError(f"{m['where']}: OpenAssistant message {m['id']} is a {m['role']} message replying "
+                                f"to a {thread[i - 1]['role']} message; roles must alternate")
+        msgs = [{"role": OASST_ROLES[m["role"]], "content": m["text"]} for m in thread]
+        where = f"{thread[-1]['where']} (message {thread[-1]['id']})"
+        check_dialog(msgs, where)
+        yield {"where": where, "group": root["tree_id"], "messages": msgs}
+
+
+def _keep_thread(thread: list[dict], top_k: int) -> bool:
+    if any(m["dropped"] for m in thread):
+        return False
+    if thread[-1]["role"] == "prompter" and thread[-2]["replies"][0] is not thread[-1]:
+        return False
+    if top_k:
+        for parent, m in zip(thread, thread[1:]):
+            if m["role"] == "assistant" and (len(parent["replies"]) > 1 if m["rank"] is None else m["rank"] >= top_k):
+                return False
+    return True
