@@ -49,7 +49,6 @@ for _k, _v in PROCESS_ENV.items():
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import lora
 import quant
@@ -333,61 +332,12 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, new_tokens: list[str], d
 
 
 # ---------------------------------------------------------------------------------------------
-# Loss: only the trained tokens reach the head, and cross-entropy's gradient is taken in the forward pass,
-# one chunk of logits at a time, so the fp32 [tokens, vocab] logits never exist at once and are never recomputed.
+# Loss: the model computes it (`Transformer.forward(..., labels=)`: the head only sees trained tokens).
 
 
-class _HeadCE(torch.autograd.Function):
-    """sum_i CE(h_i @ W.T, y_i) over rows h [n, dim] with labels y [n] (no ignored labels here).
-
-    Cross-entropy is the graph's last op, so its gradient is known before backward starts:
-    dL/dlogits = softmax(logits) - onehot(y). Computing it per chunk in the forward gives
-    dL/dh = (p - onehot) @ W  [n, dim] and dL/dW = (p - onehot).T @ h  [V, dim] (when W trains) with
-    one logits matmul per chunk; a checkpointed loss would compute the logits twice. backward only
-    scales the stored gradients by the incoming one (1 / trained tokens)."""
-
-    @staticmethod
-    def forward(ctx, h, weight, labels, chunk: int, need_h: bool, need_w: bool):
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        gh = torch.empty_like(h) if need_h else None  # [n, dim]
-        gw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None  # [V, dim]
-        for s in range(0, h.shape[0], chunk):
-            hc, y = h[s: s + chunk], labels[s: s + chunk]
-            logits = (hc @ weight.T).float()  # [c, V]; under autocast the matmul runs in the autocast dtype
-            logp = torch.log_softmax(logits, dim=-1)  # one fused pass
-            del logits
-            total -= logp.gather(1, y[:, None]).sum()
-            if need_h or need_w:
-                p = logp.exp_()  # softmax, in place
-                p[torch.arange(len(y), device=y.device), y] -= 1  # - onehot(y)
-                p = p.to(hc.dtype)
-                if need_h:
-                    gh[s: s + chunk] = p @ weight
-                if need_w:
-                    gw += (p.T @ hc).float()
-        ctx.save_for_backward(gh, gw)
-        ctx.w_dtype = weight.dtype
-        return total
-
-    @staticmethod
-    def backward(ctx, g):
-        gh, gw = ctx.saved_tensors
-        return (gh * g.to(gh.dtype) if gh is not None else None,
-                (gw * g).to(ctx.w_dtype) if gw is not None else None, None, None, None, None)
-
-
-def head_ce(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """Sum over rows of h [N, dim] of the cross-entropy of h @ weight.T against labels [N] (-100: ignored)."""
-    keep = labels != -100
-    h, labels = h[keep], labels[keep]  # the head only sees trained tokens: prompts and padding cost nothing
-    grad = torch.is_grad_enabled()
-    return _HeadCE.apply(h, weight, labels, chunk, grad and h.requires_grad, grad and weight.requires_grad)
-
-
-def loss_sum(model, tokens, labels, doc_ids, chunk: int = 1024) -> torch.Tensor:
+def loss_sum(model, tokens, labels, doc_ids) -> torch.Tensor:
     """Sum of token losses of a batch (labels already shifted: labels[i] is the target after tokens[i])."""
-    h = model(tokens, doc_ids, return_hidden=True)  # (B, T, dim)
-    return head_ce(h.flatten(0, 1), model.output.weight, labels.flatten(), chunk)
+    return model(tokens, doc_ids, labels=labels)
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ A mid-size Llama (dim 1024, 8 layers, 16 heads, vocab 32000, fp32 on CPU, ~168M 
 --steps optimizer steps on random tokens (rows packed with 4 documents each, every token trained on) with
 the levers train.py offers:
 
-- chunked cross-entropy: `train.loss_sum` (the trained tokens' logits 1024 rows at a time, their gradient
+- chunked cross-entropy: `llama.model.head_ce` (what `model(tokens, doc_ids, labels=)` runs) (the trained tokens' logits 1024 rows at a time, their gradient
   taken in the forward, so no chunk is kept or recomputed) against the plain baseline
   `F.cross_entropy(model(tokens).float(), labels)`, which holds the [B*T, 32000] fp32 logits, their
   log-softmax and their gradient at once;
@@ -63,6 +63,7 @@ def run_one(name: str, a) -> dict:
     import lora
     import train
     from llama import ModelArgs, Transformer
+    from llama.model import head_ce
 
     mode, chunked, ckpt, optim = CONFIGS[name]
     torch.manual_seed(0)
@@ -91,7 +92,8 @@ def run_one(name: str, a) -> dict:
 
     def loss_fn():
         if chunked:
-            return train.loss_sum(model, tokens, labels, doc_ids, chunk=a.chunk)
+            h = model(tokens, doc_ids, return_hidden=True)
+            return head_ce(h.flatten(0, 1), model.output.weight, labels.flatten(), chunk=a.chunk)
         logits = model(tokens, doc_ids)  # (B, T, vocab): the whole thing, then an fp32 copy for the loss
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
 
@@ -122,7 +124,7 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--chunk", type=int, default=1024, help="tokens per cross-entropy chunk (train.loss_sum)")
+    p.add_argument("--chunk", type=int, default=1024, help="tokens per cross-entropy chunk (llama.model.head_ce)")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--only", nargs="*", default=None, help="a subset of the configuration names")
     p.add_argument("--run", help=argparse.SUPPRESS)  # internal: run one configuration in this process

@@ -297,11 +297,14 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.cache_k = layer.attention.cache_v = None
 
-    def forward(self, tokens: Tensor, doc_ids: Tensor | None = None, *, start_pos: int | None = None,
-                return_hidden: bool = False) -> Tensor:
-        """tokens [B, T] -> logits [B, T, vocab] (or the final-normed hidden states [B, T, dim] with
-        return_hidden=True). doc_ids [B, T]: packed documents (see the module docstring); start_pos: KV-cache
-        mode, tokens sit at positions start_pos..start_pos+T-1."""
+    def forward(self, tokens: Tensor, doc_ids: Tensor | None = None, *, labels: Tensor | None = None,
+                start_pos: int | None = None, return_hidden: bool = False) -> Tensor:
+        """tokens [B, T] -> logits [B, T, vocab]. doc_ids [B, T]: packed documents (see the module docstring).
+        labels [B, T] (next-token targets: labels[b, t] is the token after tokens[b, t], -100 = not trained):
+        return the summed cross-entropy over trained tokens instead, the head computed only where labels
+        are trained (`head_ce`). start_pos: KV-cache mode, tokens sit at positions start_pos..start_pos+T-1.
+        return_hidden: the final-normed hidden states [B, T, dim] (generation applies the head to the last
+        position only)."""
         B, T = tokens.shape
         if doc_ids is not None and start_pos is not None:
             raise ValueError("doc_ids (packed training) and start_pos (KV-cache generation) cannot be combined")
@@ -330,6 +333,8 @@ class Transformer(nn.Module):
             else:
                 h = layer(h, cos, sin, mask, start_pos)
         h = self.norm(h)
+        if labels is not None:
+            return head_ce(h.flatten(0, 1), self.output.weight, labels.flatten())
         return h if return_hidden else self.output(h)
 
 
@@ -351,6 +356,58 @@ def packed_mask(doc_ids: Tensor):
         cuts = [0] + (row.nonzero().flatten() + 1).tolist() + [T]
         spans.append(list(zip(cuts[:-1], cuts[1:])))
     return spans
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss: only the trained tokens reach the head, and cross-entropy's gradient is taken in the forward pass,
+# one chunk of logits at a time, so the fp32 [tokens, vocab] logits never exist at once and are never recomputed.
+
+
+class _HeadCE(torch.autograd.Function):
+    """sum_i CE(h_i @ W.T, y_i) over rows h [n, dim] with labels y [n] (no ignored labels here).
+
+    Cross-entropy is the graph's last op, so its gradient is known before backward starts:
+    dL/dlogits = softmax(logits) - onehot(y). Computing it per chunk in the forward gives
+    dL/dh = (p - onehot) @ W  [n, dim] and dL/dW = (p - onehot).T @ h  [V, dim] (when W trains) with
+    one logits matmul per chunk; a checkpointed loss would compute the logits twice. backward only
+    scales the stored gradients by the incoming one (1 / trained tokens)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, labels, chunk: int, need_h: bool, need_w: bool):
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        gh = torch.empty_like(h) if need_h else None  # [n, dim]
+        gw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None  # [V, dim]
+        for s in range(0, h.shape[0], chunk):
+            hc, y = h[s: s + chunk], labels[s: s + chunk]
+            logits = (hc @ weight.T).float()  # [c, V]; under autocast the matmul runs in the autocast dtype
+            logp = torch.log_softmax(logits, dim=-1)  # one fused pass
+            del logits
+            total -= logp.gather(1, y[:, None]).sum()
+            if need_h or need_w:
+                p = logp.exp_()  # softmax, in place
+                p[torch.arange(len(y), device=y.device), y] -= 1  # - onehot(y)
+                p = p.to(hc.dtype)
+                if need_h:
+                    gh[s: s + chunk] = p @ weight
+                if need_w:
+                    gw += (p.T @ hc).float()
+        ctx.save_for_backward(gh, gw)
+        ctx.w_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        gh, gw = ctx.saved_tensors
+        return (gh * g.to(gh.dtype) if gh is not None else None,
+                (gw * g).to(ctx.w_dtype) if gw is not None else None, None, None, None, None)
+
+
+def head_ce(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Sum over rows of h [N, dim] of the cross-entropy of h @ weight.T against labels [N] (-100: ignored)."""
+    keep = labels != -100
+    h, labels = h[keep], labels[keep]  # the head only sees trained tokens: prompts and padding cost nothing
+    grad = torch.is_grad_enabled()
+    return _HeadCE.apply(h, weight, labels, chunk, grad and h.requires_grad, grad and weight.requires_grad)
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 import llama.model as M
 from llama.checkpoint import hf_to_meta_key, permute_for_hf, unpermute_from_hf
-from llama.model import ModelArgs, Transformer, apply_rope, resize_embeddings, rope_tables
+from llama.model import ModelArgs, Transformer, apply_rope, head_ce, resize_embeddings, rope_tables
 
 DIM, LAYERS, HEADS, KV_HEADS, VOCAB, HIDDEN = 64, 2, 4, 2, 256, 192  # 192 = Meta's rule for dim 64, multiple_of 32
 ARGS = dict(dim=DIM, n_layers=LAYERS, n_heads=HEADS, n_kv_heads=KV_HEADS, vocab_size=VOCAB, multiple_of=32,
@@ -279,3 +279,54 @@ def test_rmsnorm_and_swiglu_match_plain_autograd_and_keep_less(dtype):
     b = torch.randn(N, H, generator=g).to(dtype).requires_grad_()
     saved, ref_saved = check(M._SwiGLUFn.apply, lambda a, b: F.silu(a) * b, (a, b))
     assert saved == 2 * N * H * elem and ref_saved == 3 * N * H * elem  # a, b (and silu(a) in plain autograd)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_ce_matches_autograd_cross_entropy(dtype):
+    """The fused head loss (gradients taken in the forward, chunk by chunk, trained rows only) against plain
+    autograd through F.cross_entropy on the full logits: loss, dL/dh and dL/dW, with ignored labels and a
+    chunk that does not divide the rows."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(50, 16, generator=g) * 0.3).to(dtype).requires_grad_()
+    labels = torch.randint(0, 50, (37,), generator=g)
+    labels[[0, 5, 6, 30]] = -100
+    ref = F.cross_entropy((h @ w.T).float(), labels, ignore_index=-100, reduction="sum")
+    (ref * 0.5).backward()  # a non-unit upstream gradient, as the 1 / n_target scaling
+    ref_gh, ref_gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    loss = head_ce(h, w, labels, chunk=8)
+    (loss * 0.5).backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert abs(loss.item() - ref.item()) <= tol * abs(ref.item())
+    for ours, theirs in ((h.grad, ref_gh), (w.grad, ref_gw)):
+        assert ours.dtype == theirs.dtype
+        assert (ours.float() - theirs.float()).abs().max() <= tol * theirs.float().abs().max()
+    assert (h.grad[[0, 5, 6, 30]] == 0).all()  # ignored tokens get no gradient
+    with torch.no_grad():  # evaluation: the same loss, no gradient work
+        assert head_ce(h, w, labels, chunk=8).item() == loss.item()
+    frozen = w.detach()  # a frozen head (LoRA): only dL/dh
+    h.grad = None
+    head_ce(h, frozen, labels, chunk=8).backward()
+    assert h.grad is not None
+
+
+def test_labels_give_hf_loss(pair):
+    """model(tokens, labels=shifted) is the summed next-token loss over trained tokens: against transformers'
+    own loss (a mean over the tokens its -100-masked, internally shifted labels keep), for a plain row and,
+    with doc_ids, against each document run alone through HF."""
+    hf, ours = pair
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, VOCAB, (1, 12), generator=g)
+    hf_labels = tokens.clone()
+    hf_labels[0, :4] = -100  # an untrained prompt
+    labels = torch.cat([hf_labels[:, 1:], torch.full((1, 1), -100)], 1)  # ours: already shifted
+    n = int((labels != -100).sum())
+    with torch.no_grad():
+        ref = hf(tokens, labels=hf_labels).loss.item() * n
+        assert abs(ours(tokens, labels=labels).item() - ref) < 1e-4 * abs(ref)
+        docs = [tokens[:, :5], tokens[:, 5:]]  # packed: the loss of each document alone, summed
+        doc_ids = torch.tensor([[0] * 5 + [1] * 7])
+        labels = torch.cat([torch.cat([d[:, 1:], torch.full((1, 1), -100)], 1) for d in docs], 1)
+        ref = sum(hf(d, labels=d).loss.item() * (d.shape[1] - 1) for d in docs)
+        assert abs(ours(tokens, doc_ids, labels=labels).item() - ref) < 1e-4 * abs(ref)
