@@ -52,7 +52,7 @@ import lora
 import quant
 from llama import Tokenizer, load_model, save_model
 from llama.chat import TEMPLATES, encode_chat, required_special_tokens, stop_ids
-from llama.checkpoint import CheckpointError, find_tokenizer
+from llama.checkpoint import CheckpointError, find_tokenizer, resolve_checkpoint
 from llama.generate import generate
 from llama.model import resize_embeddings
 
@@ -66,7 +66,7 @@ DEMO = ROOT / "demo"
 
 @dataclass
 class TrainConfig:
-    ckpt: str = str(DEMO / "tiny-llama")  # Meta folder (consolidated.*.pth + params.json) or HF folder
+    ckpt: str = str(DEMO / "tiny-llama")  # Meta folder (consolidated.*.pth + params.json), HF folder, or org/name in the HF hub cache
     data: list[str] = field(default_factory=lambda: [str(DEMO / "data" / "train.jsonl")])  # path[:fraction] ...
     template: str = "llama2"  # llama2 | chatml | tulu | oasst | alpaca
     out: str = "out/run"
@@ -777,7 +777,6 @@ def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
     if cfg.template not in TEMPLATES:
         raise UserError(f"--template {cfg.template}: expected one of {', '.join(TEMPLATES)}")
     out = check_out(cfg)
-    say("config:", json.dumps(dataclasses.asdict(cfg)), flush=True)
 
     # ---- data first (bad rows fail in seconds), then the model
     tokenizer, new_tokens = load_tokenizer(cfg)
@@ -817,6 +816,7 @@ def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
     per_step = per_rank * dist_ctx.world
     steps_per_epoch = math.ceil(len(rows["tokens"]) / per_step)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    say("\n".join(summary_lines(cfg, model, quantized, device, dtype, stats, n_tokens, total, per_step, out)), flush=True)
 
     step = 0
     if cfg.resume and list_checkpoints(out):
@@ -954,6 +954,39 @@ def tok_file(cfg: TrainConfig) -> str | None:
     return str(p) if p else None
 
 
+def summary_lines(cfg: TrainConfig, model, quantized: bool, device: torch.device, dtype: torch.dtype, stats: dict,
+                  n_tokens: int, total: int, per_step: int, out: Path) -> list[str]:
+    """What this run is, in a few lines (the full config goes to OUT/run_config.json)."""
+    from llama import Transformer
+    with torch.device("meta"):  # the architecture's parameter count, whatever quantization did to the modules
+        n_params = sum(p.numel() for p in Transformer(model.args).parameters())
+    a = model.args
+    ckpt = Path(cfg.ckpt)
+    disk = sum(f.stat().st_size for f in ckpt.glob("*") if f.suffix in (".pth", ".safetensors", ".bin"))
+    layout = "Meta" if (ckpt / "params.json").is_file() else "HF"
+    if cfg.full:
+        mode = "full fine-tuning (every weight trains)"
+    else:
+        adapters = (f"LoRA r {cfg.lora_r}, alpha {cfg.lora_alpha:g}{', rsLoRA' if cfg.rslora else ''}, "
+                    f"dropout {cfg.lora_dropout:g} on {cfg.lora_targets.replace(',', ', ')}")
+        mode = f"QLoRA: NF4 base + {adapters}" if quantized else f"{adapters} (base not quantized)"
+    precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    steps_per_epoch = math.ceil(stats["rows"] / per_step)
+    return [
+        f"run: {mode}; {precision} on {device}",
+        f"model: {cfg.ckpt} ({layout} layout, {_count(n_params)} parameters: {a.n_layers} layers, dim {a.dim}, "
+        f"vocab {a.vocab_size}; {disk / 1e9:.2f} GB of weights)",
+        f"data: {stats['train_samples']:,} samples, {n_tokens:,} tokens -> {stats['rows']:,} rows of {cfg.seq_len} "
+        f"tokens{' (packed)' if cfg.packing else ''}" + (f"; {stats['val_samples']:,} held out" if stats["val_samples"] else ""),
+        f"steps: {total:,} ({steps_per_epoch:,} per epoch of {per_step:,} rows), lr {cfg.lr:g} {cfg.schedule}",
+        f"output: {out} (full config in {out / 'run_config.json'})",
+    ]
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
 def print_stats(stats: dict) -> None:
     print(f"{'data file':<40} {'rows':>7} {'train':>7} {'val':>6} {'skipped':>8} {'trunc':>6} "
           f"{'tokens':>9} {'min':>5} {'max':>5} {'mean':>7}")
@@ -1032,6 +1065,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse_args(argv or DEMO_FLAGS)
     try:
+        cfg.ckpt = str(resolve_checkpoint(cfg.ckpt))  # a repo id becomes its snapshot in the Hugging Face hub cache
         if cfg.chat:
             chat(cfg)
         else:
