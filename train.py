@@ -975,10 +975,11 @@ def summary_lines(cfg: TrainConfig, model, quantized: bool, device: torch.device
     return [
         f"run: {mode}; {precision} on {device}",
         f"model: {cfg.ckpt} ({layout} layout, {_count(n_params)} parameters: {a.n_layers} layers, dim {a.dim}, "
-        f"vocab {a.vocab_size}; {disk / 1e9:.2f} GB of weights)",
+        f"vocab {a.vocab_size}; {f'{disk / 1e9:.1f} GB' if disk >= 1e9 else f'{disk / 1e6:.1f} MB'} of weights)",
         f"data: {stats['train_samples']:,} samples, {n_tokens:,} tokens -> {stats['rows']:,} rows of {cfg.seq_len} "
         f"tokens{' (packed)' if cfg.packing else ''}" + (f"; {stats['val_samples']:,} held out" if stats["val_samples"] else ""),
-        f"steps: {total:,} ({steps_per_epoch:,} per epoch of {per_step:,} rows), lr {cfg.lr:g} {cfg.schedule}",
+        f"steps: {total:,} ({total / steps_per_epoch:.3g} epochs of {steps_per_epoch:,} steps x {per_step:,} rows), "
+        f"lr {cfg.lr:g} {cfg.schedule}",
         f"output: {out} (full config in {out / 'run_config.json'})",
     ]
 
