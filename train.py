@@ -801,8 +801,8 @@ def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
     # ---- optimiser and schedule; each optimizer step uses per_step rows, split across ranks
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params) * (dist_ctx.world if dist_ctx.fsdp else 1)
-    n_total = sum(p.numel() for p in model.parameters()) * (dist_ctx.world if dist_ctx.fsdp else 1) \
-        + sum(b.numel() for b in model.buffers())
+    n_total = (sum(p.numel() for p in model.parameters()) * dist_ctx.world if dist_ctx.fsdp
+               else lora.count_parameters(model)[1])  # an NF4 weight counts as its in * out values, not its bytes
     say(f"trainable params: {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f}%)"
         + (f"; {dist_ctx.world} processes" if dist_ctx.world > 1 else ""), flush=True)
     opt = make_optimizer(cfg, params, device)
