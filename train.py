@@ -974,13 +974,13 @@ def summary_lines(cfg: TrainConfig, model, quantized: bool, device: torch.device
     steps_per_epoch = math.ceil(stats["rows"] / per_step)
     return [
         f"run: {mode}; {precision} on {device}",
-        f"model: {cfg.ckpt} ({layout} layout, {_count(n_params)} parameters: {a.n_layers} layers, dim {a.dim}, "
+        f"  model:  {cfg.ckpt} ({layout} layout, {_count(n_params)} parameters: {a.n_layers} layers, dim {a.dim}, "
         f"vocab {a.vocab_size}; {f'{disk / 1e9:.1f} GB' if disk >= 1e9 else f'{disk / 1e6:.1f} MB'} of weights)",
-        f"data: {stats['train_samples']:,} samples, {n_tokens:,} tokens -> {stats['rows']:,} rows of {cfg.seq_len} "
+        f"  data:   {stats['train_samples']:,} samples, {n_tokens:,} tokens -> {stats['rows']:,} rows of {cfg.seq_len} "
         f"tokens{' (packed)' if cfg.packing else ''}" + (f"; {stats['val_samples']:,} held out" if stats["val_samples"] else ""),
-        f"steps: {total:,} ({total / steps_per_epoch:.3g} epochs of {steps_per_epoch:,} steps x {per_step:,} rows), "
+        f"  steps:  {total:,} ({total / steps_per_epoch:.3g} epochs of {steps_per_epoch:,} steps x {per_step:,} rows), "
         f"lr {cfg.lr:g} {cfg.schedule}",
-        f"output: {out} (full config in {out / 'run_config.json'})",
+        f"  output: {out} (full config in {out / 'run_config.json'})",
     ]
 
 
