@@ -153,7 +153,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"checkpoint folder {path} does not exist")
     org, name, revision = m[1], m[2], m[3] or "main"
     repo_id, folder = f"{org}/{name}", f"models--{org}--{name}"
-    tried = []
+    tried, partial = [], None
     for cache in hub_cache_dirs():
         repo = cache / folder
         tried.append(str(repo))
@@ -170,10 +170,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
                 return snapshots[0]
         refs = sorted(f.name for f in (repo / "refs").glob("*")) if (repo / "refs").is_dir() else []
         have = sorted(f.name for f in (repo / "snapshots").glob("*")) if (repo / "snapshots").is_dir() else []
-        raise CheckpointError(f"checkpoint folder {path} does not exist; the Hugging Face hub cache has {repo}, "
-                              f"but no snapshot for revision {revision!r} in it (refs: {refs or 'none'}, "
-                              f"snapshots: {have or 'none'}). Download it with `huggingface-cli download "
-                              f"{repo_id} --revision {revision}`, or pass the checkpoint's folder")
+        partial = partial or CheckpointError(
+            f"checkpoint folder {path} does not exist; the Hugging Face hub cache has {repo}, but no snapshot for "
+            f"revision {revision!r} in it (refs: {refs or 'none'}, snapshots: {have or 'none'}). Download it with "
+            f"`huggingface-cli download {repo_id} --revision {revision}`, or pass the checkpoint's folder")
+    if partial is not None:
+        raise partial
     raise CheckpointError(f"checkpoint folder {path} does not exist, and {repo_id} is not in the Hugging Face hub "
                           "cache either; looked for:\n" + "".join(f"  {t}\n" for t in tried)
                           + f"Download it with `huggingface-cli download {repo_id}` (the cache folder is $HF_HUB_CACHE, "

@@ -161,3 +161,18 @@ def test_train_and_generate_take_a_repo_id(cache, tiny_train_ckpt, tmp_path, cap
     capsys.readouterr()
     assert generate_cli.main(["--ckpt", f"{REPO}@v2", "--prompt", "hi", "--max-new-tokens", "2",
                               "--temperature", "0"]) == 0
+
+
+def test_an_incomplete_cache_entry_does_not_hide_a_complete_one(clean_env, hf_folders, monkeypatch):
+    """A repo folder without the snapshot in $HF_HUB_CACHE (an interrupted download), the whole snapshot in
+    $HF_HOME/hub: the snapshot is found."""
+    first = clean_env / "first" / f"models--{REPO.replace('/', '--')}"
+    (first / "refs").mkdir(parents=True)
+    (first / "refs" / "main").write_text(COMMITS["main"])
+    snap = write_snapshot(clean_env / "home2" / "hub", REPO, COMMITS["main"], hf_folders["main"], "main")
+    monkeypatch.setenv("HF_HUB_CACHE", str(clean_env / "first"))
+    monkeypatch.setenv("HF_HOME", str(clean_env / "home2"))
+    assert resolve_checkpoint(REPO) == snap
+    monkeypatch.delenv("HF_HOME")
+    with pytest.raises(CheckpointError, match=r"has .*first.* but no snapshot for revision 'main'.*snapshots: none"):
+        resolve_checkpoint(REPO)
