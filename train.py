@@ -54,7 +54,7 @@ import lora
 import quant
 from llama import Tokenizer, corpus, load_model, save_model
 from llama.chat import TEMPLATES, encode_chat, required_special_tokens, save_tokenizer_files, stop_ids
-from llama.checkpoint import CheckpointError, find_tokenizer
+from llama.checkpoint import CheckpointError, find_tokenizer, resolve_checkpoint
 from llama.data import DataError, read_dialogs
 from llama.generate import generate
 from llama.model import resize_embeddings
@@ -69,7 +69,7 @@ DEMO = ROOT / "demo"
 
 @dataclass
 class TrainConfig:
-    ckpt: str = str(DEMO / "tiny-llama")  # Meta folder (consolidated.*.pth + params.json) or HF folder
+    ckpt: str = str(DEMO / "tiny-llama")  # Meta folder (consolidated.*.pth + params.json), HF folder, or org/name in the HF hub cache
     data: list[str] = field(default_factory=lambda: [str(DEMO / "data" / "train.jsonl")])  # path[:fraction] ... or one prepared folder
     template: str = "llama2"  # llama2 | chatml | tulu | oasst | alpaca
     out: str = "out/run"
@@ -689,7 +689,6 @@ def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
     if cfg.template not in TEMPLATES:
         raise UserError(f"--template {cfg.template}: expected one of {', '.join(TEMPLATES)}")
     out = check_out(cfg)
-    say("config:", json.dumps(dataclasses.asdict(cfg)), flush=True)
 
     # ---- data first (bad rows fail in seconds, before the model loads): the tokenized corpus on disk,
     # memory-mapped; training keeps only row plans and builds each micro-batch when it is drawn
@@ -704,6 +703,7 @@ def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
     stats["packing_efficiency"] = round(int(train_split.offsets[-1]) / (len(rows) * cfg.seq_len), 4)
     stats["padding_fraction"] = round(1 - stats["packing_efficiency"], 4)
     stats["train_samples"], stats["val_samples"] = len(train_split), len(val_split) if val_split is not None else 0
+    n_tokens = int(train_split.offsets[-1])
     stats["corpus"] = str(folder)
     stats["corpus_key_sha256"] = hashlib.sha256(json.dumps(meta["key"], sort_keys=True).encode()).hexdigest()
     if cfg.resume and (out / "data_stats.json").exists():  # also a prepared folder given as --data
@@ -733,8 +733,8 @@ def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
     # ---- optimiser and schedule; each optimizer step uses per_step rows, split across ranks
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params) * (dist_ctx.world if dist_ctx.fsdp else 1)
-    n_total = sum(p.numel() for p in model.parameters()) * (dist_ctx.world if dist_ctx.fsdp else 1) \
-        + sum(b.numel() for b in model.buffers())
+    n_total = (sum(p.numel() for p in model.parameters()) * dist_ctx.world if dist_ctx.fsdp
+               else lora.count_parameters(model)[1])  # an NF4 weight counts as its in * out values, not its bytes
     say(f"trainable params: {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f}%)"
         + (f"; {dist_ctx.world} processes" if dist_ctx.world > 1 else ""), flush=True)
     opt = make_optimizer(cfg, params, device)
@@ -750,6 +750,7 @@ def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
     per_step = per_rank * dist_ctx.world
     steps_per_epoch = math.ceil(len(rows) / per_step)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    say("\n".join(summary_lines(cfg, model, quantized, device, dtype, stats, n_tokens, total, per_step, out)), flush=True)
 
     step = 0
     if cfg.resume and list_checkpoints(out):
@@ -882,6 +883,40 @@ def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
     return result
 
 
+def summary_lines(cfg: TrainConfig, model, quantized: bool, device: torch.device, dtype: torch.dtype, stats: dict,
+                  n_tokens: int, total: int, per_step: int, out: Path) -> list[str]:
+    """What this run is, in a few lines (the full config goes to OUT/run_config.json)."""
+    from llama import Transformer
+    with torch.device("meta"):  # the architecture's parameter count, whatever quantization did to the modules
+        n_params = sum(p.numel() for p in Transformer(model.args).parameters())
+    a = model.args
+    ckpt = Path(cfg.ckpt)
+    disk = sum(f.stat().st_size for f in ckpt.glob("*") if f.suffix in (".pth", ".safetensors", ".bin"))
+    layout = "Meta" if (ckpt / "params.json").is_file() else "HF"
+    if cfg.full:
+        mode = "full fine-tuning (every weight trains)"
+    else:
+        adapters = (f"LoRA r {cfg.lora_r}, alpha {cfg.lora_alpha:g}{', rsLoRA' if cfg.rslora else ''}, "
+                    f"dropout {cfg.lora_dropout:g} on {cfg.lora_targets.replace(',', ', ')}")
+        mode = f"QLoRA: NF4 base + {adapters}" if quantized else f"{adapters} (base not quantized)"
+    precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    steps_per_epoch = math.ceil(stats["rows"] / per_step)
+    return [
+        f"run: {mode}; {precision} on {device}",
+        f"  model:  {cfg.ckpt} ({layout} layout, {_count(n_params)} parameters: {a.n_layers} layers, dim {a.dim}, "
+        f"vocab {a.vocab_size}; {f'{disk / 1e9:.1f} GB' if disk >= 1e9 else f'{disk / 1e6:.1f} MB'} of weights)",
+        f"  data:   {stats['train_samples']:,} samples, {n_tokens:,} tokens -> {stats['rows']:,} rows of {cfg.seq_len} "
+        f"tokens{' (packed)' if cfg.packing else ''}" + (f"; {stats['val_samples']:,} held out" if stats["val_samples"] else ""),
+        f"  steps:  {total:,} ({total / steps_per_epoch:.3g} epochs of {steps_per_epoch:,} steps x {per_step:,} rows), "
+        f"lr {cfg.lr:g} {cfg.schedule}",
+        f"  output: {out} (full config in {out / 'run_config.json'})",
+    ]
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
 def print_stats(stats: dict) -> None:
     print(f"{'data file':<40} {'rows':>7} {'train':>7} {'val':>6} {'skipped':>8} {'trunc':>6} "
           f"{'tokens':>9} {'min':>5} {'max':>5} {'mean':>7}")
@@ -960,6 +995,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse_args(argv or DEMO_FLAGS)
     try:
+        cfg.ckpt = str(resolve_checkpoint(cfg.ckpt))  # a repo id becomes its snapshot in the Hugging Face hub cache
         if cfg.chat:
             chat(cfg)
         else:

@@ -22,6 +22,12 @@ Loading streams: the model is built on the `meta` device (no memory), files are 
 `torch.load(mmap=True)` / safetensors' lazy `safe_open`, and each tensor in turn is merged across shards,
 cast, moved to the device, passed to an optional `hook` and assigned. Peak memory stays near one copy
 of the model in the target dtype.
+
+A checkpoint argument that is not an existing path but reads like a Hugging Face repo id
+("meta-llama/Llama-2-7b-hf", optionally "@revision") names a download already in the local hub cache,
+found offline (`resolve_checkpoint`). The cache is plain folders:
+    <cache>/models--{org}--{name}/refs/{branch}      the commit hash that branch points to
+    <cache>/models--{org}--{name}/snapshots/{hash}/  the repo's files (symlinks into ../../blobs/)
 """
 import json
 import os
@@ -120,10 +126,70 @@ _ROW_PARALLEL = ("wo", "w2", "tok_embeddings")  # split along the input (embeddi
 _IGNORED_META = ("rope.freqs",)  # a precomputed RoPE buffer in Meta's files; we recompute it
 
 
+# org/name[@revision], as the Hub spells repo ids (letters, digits, "-", "_", "."; a revision may hold "/")
+_REPO_ID_RE = re.compile(r"^([A-Za-z0-9][\w.-]*)/([A-Za-z0-9][\w.-]*)(?:@([\w./-]+))?$")
+
+
+def hub_cache_dirs() -> list[Path]:
+    """The Hugging Face hub cache folders, in huggingface_hub's order of precedence: $HF_HUB_CACHE (or its
+    old name $HUGGINGFACE_HUB_CACHE), $HF_HOME/hub, $XDG_CACHE_HOME/huggingface/hub, ~/.cache/huggingface/hub.
+    All that are set are searched, so a download made under another setting is still found."""
+    env = os.environ
+    dirs = [env.get("HF_HUB_CACHE"), env.get("HUGGINGFACE_HUB_CACHE"),
+            env.get("HF_HOME") and Path(env["HF_HOME"]) / "hub",
+            env.get("XDG_CACHE_HOME") and Path(env["XDG_CACHE_HOME"]) / "huggingface" / "hub",
+            Path.home() / ".cache" / "huggingface" / "hub"]
+    return list(dict.fromkeys(Path(d).expanduser() for d in dirs if d))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder that `path` names. An existing path is returned as is. Otherwise, if it reads
+    like a Hugging Face repo id, "org/name" or "org/name@revision" (a branch or tag under refs/, or a commit
+    hash), the matching snapshot in the local hub cache (`hub_cache_dirs`; no network). CheckpointError
+    when there is none: it says first that the folder does not exist, then which cache folders it tried."""
+    p = Path(path)
+    if p.exists():
+        return p
+    m = _REPO_ID_RE.match(str(path))
+    if m is None or ".." in str(path):
+        raise CheckpointError(f"checkpoint folder {path} does not exist")
+    org, name, revision = m[1], m[2], m[3] or "main"
+    repo_id, folder = f"{org}/{name}", f"models--{org}--{name}"
+    tried, partial = [], None
+    for cache in hub_cache_dirs():
+        repo = cache / folder
+        tried.append(str(repo))
+        if not repo.is_dir():
+            continue
+        ref = repo / "refs" / revision
+        commit = ref.read_text().strip() if ref.is_file() else revision
+        snapshot = repo / "snapshots" / commit
+        if snapshot.is_dir():
+            return snapshot
+        if revision == "main" and not ref.exists():  # downloaded by commit only: one snapshot is unambiguous
+            snapshots = sorted((repo / "snapshots").glob("*")) if (repo / "snapshots").is_dir() else []
+            if len(snapshots) == 1:
+                return snapshots[0]
+        refs = sorted(f.name for f in (repo / "refs").glob("*")) if (repo / "refs").is_dir() else []
+        have = sorted(f.name for f in (repo / "snapshots").glob("*")) if (repo / "snapshots").is_dir() else []
+        partial = partial or CheckpointError(
+            f"checkpoint folder {path} does not exist; the Hugging Face hub cache has {repo}, but no snapshot for "
+            f"revision {revision!r} in it (refs: {refs or 'none'}, snapshots: {have or 'none'}). Download it with "
+            f"`huggingface-cli download {repo_id} --revision {revision}`, or pass the checkpoint's folder")
+    if partial is not None:
+        raise partial
+    raise CheckpointError(f"checkpoint folder {path} does not exist, and {repo_id} is not in the Hugging Face hub "
+                          "cache either; looked for:\n" + "".join(f"  {t}\n" for t in tried)
+                          + f"Download it with `huggingface-cli download {repo_id}` (the cache folder is $HF_HUB_CACHE, "
+                          "else $HF_HOME/hub, else ~/.cache/huggingface/hub), or pass the checkpoint's folder")
+
+
 def find_tokenizer(path: str | Path) -> Path | None:
     """tokenizer.model in the checkpoint folder, or in its parent (Meta's download puts it beside the
-    llama-2-7b/ folders)."""
+    llama-2-7b/ folders). A repo id is looked up in the hub cache first (`resolve_checkpoint`)."""
     path = Path(path)
+    if not path.exists() and _REPO_ID_RE.match(str(path)):
+        path = resolve_checkpoint(path)
     for p in (path / "tokenizer.model", path.parent / "tokenizer.model"):
         if p.is_file():
             return p
@@ -132,16 +198,17 @@ def find_tokenizer(path: str | Path) -> Path | None:
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                hook: Hook | None = None, progress: Callable[[int, int], None] | None = None) -> Transformer:
-    """Load a Meta or Hugging Face Llama checkpoint folder, streaming one tensor at a time.
+    """Load a Meta or Hugging Face Llama checkpoint folder (or a repo id in the local hub cache, see
+    `resolve_checkpoint`), streaming one tensor at a time.
 
     hook(name, tensor), if given, is called once per tensor (Meta names, after merging shards, casting to
     dtype and moving to device). It returns the tensor to use as the parameter, or an nn.Module that
     replaces the nn.Linear owning "<module>.weight" (how quant/ quantizes while loading).
     progress(done, total), if given, is called after each tensor (7B with NF4 takes minutes on a CPU).
     Returns the model in eval mode."""
-    path = Path(path)
+    path = resolve_checkpoint(path)
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint folder {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} is not a folder")
     if (path / "params.json").is_file():
         args, names, stream = _open_meta(path)
     elif (path / "config.json").is_file():

@@ -181,7 +181,8 @@ def chat_loop(model, tokenizer: Tokenizer, template: str, system: str | None = N
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m llama.generate", description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", required=True, help="Meta or Hugging Face checkpoint folder (tokenizer.model in it or its parent)")
+    p.add_argument("--ckpt", required=True, help="Meta or Hugging Face checkpoint folder (tokenizer.model in it or its parent), "
+                   "or a repo id already in the Hugging Face hub cache (meta-llama/Llama-2-7b-chat-hf)")
     p.add_argument("--template", default="llama2", choices=TEMPLATES)
     p.add_argument("--prompt", help="answer this one message and exit; without it, chat interactively")
     p.add_argument("--system", help="system prompt")
@@ -196,22 +197,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import find_tokenizer, load_model  # the CLI needs the loader; the functions above do not
+    from .checkpoint import find_tokenizer, load_model, resolve_checkpoint  # the CLI needs the loader
 
     args = parse_args(argv)
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(args.seed)
     try:  # user errors (a wrong folder, a template the tokenizer cannot express) end with a message, not a trace
-        tok_path = find_tokenizer(args.ckpt)
+        ckpt = resolve_checkpoint(args.ckpt)  # a folder, or a repo id in the Hugging Face hub cache
+        tok_path = find_tokenizer(ckpt)
         if tok_path is None:
-            raise ValueError(f"no tokenizer.model in {args.ckpt} or its parent folder")
+            raise ValueError(f"no tokenizer.model in {ckpt} or its parent folder")
         tokenizer = Tokenizer(tok_path)  # reads added_tokens.json beside it
         missing = [t for t in required_special_tokens(args.template) if t not in tokenizer.special_tokens]
         if missing:
             raise ValueError(f"--template {args.template} needs the special tokens {missing}, which {tok_path.parent} "
                              "does not define (no added_tokens.json with them): was the model fine-tuned with it?")
-        model = load_model(args.ckpt, dtype=dtype, device=device)  # checks the vocabulary against the tokenizer
+        model = load_model(ckpt, dtype=dtype, device=device)  # checks the vocabulary against the tokenizer
         if args.prompt is None:
             chat_loop(model, tokenizer, args.template, args.system, args.max_new_tokens, args.temperature, args.top_p)
             return 0

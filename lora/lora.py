@@ -266,9 +266,6 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float 
             m.lora_B.requires_grad_(True)
     model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, targets=tuple(targets), rslora=rslora,
                              modules_to_save=tuple(modules_to_save))
-    trainable, total = count_parameters(model)
-    print(f"lora: r={r} alpha={alpha} on {', '.join(targets)}; trainable params {trainable:,} of {total:,} "
-          f"({100 * trainable / total:.3f}%)")
     return model
 
 

@@ -23,10 +23,26 @@ through memory; otherwise the whole weight, then one matmul) or with the fused T
 """
 from __future__ import annotations
 
+import logging
 import threading
 
 import torch
 import torch.nn as nn
+
+# On CPUs with AVX512-BF16, importing bitsandbytes tries to fetch an optional fused inference kernel
+# (gemm_4bit_forward, through the `kernels` package) and logs a warning on its CPU backend's logger when it
+# cannot. Nothing here calls that kernel, and the line reads like a failure of ours, so that one message is
+# dropped; every other record of that logger (and of bitsandbytes) passes. Installed before quant/ first
+# imports bitsandbytes: the filter sits on the logger, which exists before bitsandbytes asks for it.
+BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+BNB_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def _drop_bnb_kernel_warning(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(BNB_KERNEL_WARNING)
+
+
+logging.getLogger(BNB_CPU_LOGGER).addFilter(_drop_bnb_kernel_warning)
 
 # The 16 NF4 levels: quantiles of N(0, 1) normalised to [-1, 1], with an exact zero (QLoRA appendix E).
 NF4 = torch.tensor([

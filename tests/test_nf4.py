@@ -229,6 +229,8 @@ def test_nf4_matmul_rejects_bad_input():
 def test_auto_backend_is_torch_off_cuda_and_output_in_x_dtype(monkeypatch):
     """backend="auto" runs the Triton kernels only on CUDA; NF4Linear's output has x's dtype whatever its
     compute dtype."""
+    pytest.importorskip("triton", reason="triton is not installed: nothing to watch (tests/test_no_triton.py runs "
+                        "the CPU paths without it)")
     from quant import triton_nf4
 
     def no_triton(*args, **kwargs):
