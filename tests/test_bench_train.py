@@ -14,6 +14,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_train  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end-to-end: subprocesses / whole training steps
+
+
 FAST = ["--size", "tiny", "--device", "cpu", "--seq-len", "64", "--tokens-per-step", "128", "--reps", "1",
         "--warmup", "0"]
 

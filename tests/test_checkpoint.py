@@ -310,6 +310,7 @@ print(json.dumps({"base": base, "peak": status("VmHWM"), "size": size}))
 """
 
 
+@pytest.mark.slow
 def test_peak_memory_while_loading(tmp_path, hf):
     """A ~220 MB fp32 checkpoint (2 Meta shards; 3 HF shards), loaded as fp32 and as bf16: the peak resident
     memory the load adds is at most 1.2x the loaded model (no second copy, no full-size temporaries)."""

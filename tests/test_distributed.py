@@ -11,6 +11,9 @@ import pytest
 
 import train
 
+pytestmark = pytest.mark.slow  # end-to-end: subprocesses / whole training steps
+
+
 @pytest.fixture
 def ckpt(tiny_train_ckpt):
     return tiny_train_ckpt

@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # end-to-end: subprocesses / whole training steps
+
+
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("make_fake_checkpoint", ROOT / "benchmarks" / "make_fake_checkpoint.py")
 mfc = importlib.util.module_from_spec(_spec)

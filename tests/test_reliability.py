@@ -104,6 +104,7 @@ def bad_inputs(ckpt: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
     }
 
 
+@pytest.mark.slow
 def test_bad_input_exits_2_with_clear_message_and_writes_nothing(tmp_path, ckpt):
     for name, (argv, expect) in bad_inputs(ckpt, tmp_path).items():
         out = tmp_path / f"out-{name.replace(' ', '_')}"
@@ -140,6 +141,7 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path, ckpt):
     steps = ["--max-steps", "6", "--save-every", "2"]
     ref = tmp_path / "ref"
@@ -215,6 +217,7 @@ def test_fsdp_checkpoint_metadata_is_checked_before_dcp_unpickles_it(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_then_resume_equals_uninterrupted(tmp_path, ckpt):
     steps = ["--max-steps", "40"]
     ref = tmp_path / "ref"
@@ -236,6 +239,7 @@ def test_sigterm_saves_then_resume_equals_uninterrupted(tmp_path, ckpt):
 # ---- numerics and disk
 
 
+@pytest.mark.slow
 def test_non_finite_step_is_skipped_then_run_aborts(tmp_path, ckpt, monkeypatch, capsys):
     real, calls = train.loss_sum, {"n": 0}
 

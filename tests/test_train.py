@@ -196,6 +196,7 @@ def run(tmp_path, ckpt, *extra):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [["--full"], ["--quant", "none", "--lr", "1e-2"], ["--quant", "nf4", "--lr", "1e-2"]],
                          ids=["full", "lora", "qlora"])
 def test_loss_decreases(tmp_path, tiny_ckpt, mode, capsys):
@@ -211,6 +212,7 @@ def test_loss_decreases(tmp_path, tiny_ckpt, mode, capsys):
     assert (out / ("model" if "--full" in mode else "adapter")).exists()
 
 
+@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_ckpt, monkeypatch):
     steps = ["--max-steps", "6", "--quant", "nf4", "--save-every", "3"]
     full, _ = run(tmp_path / "a", tiny_ckpt, *steps)
@@ -229,6 +231,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_ckpt, monkeypatch):
     assert [m["loss"] for m in resumed] == [m["loss"] for m in full]
 
 
+@pytest.mark.slow
 def test_demo_learns_the_reply_format(tmp_path):
     """The README's first command, with fewer epochs: QLoRA on the bundled tiny Llama takes held-out
     exact match from ~0 to most of the prompts."""
@@ -247,6 +250,7 @@ def test_demo_learns_the_reply_format(tmp_path):
     assert r.returncode == 0 and "It is cold." in r.stdout, r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_chatml_added_tokens_train_and_second_stage(tmp_path, tiny_ckpt):
     """ChatML on a base model: the two added tokens grow the embedding, the new rows train and are saved with
     the adapter; stage 2 starts from that adapter (--init-adapter) with LIMA dropout."""
