@@ -9,7 +9,7 @@ timeout; each may use what earlier stages left of their budget (BUDGET), never t
 1. correctness: pytest on tests/test_gpu.py (every test marked `cuda`: the Triton NF4 kernels at 7B shapes,
    packed flex_attention, a QLoRA bf16 step against transformers + peft + bitsandbytes, train.py with --quant
    nf4 saving an adapter PEFT loads) and tests/test_triton_nf4.py (compiled on a GPU), as parallel shards
-   because Triton's compilation is CPU-bound. A failing test stops the suite before the benchmarks and its
+   (SHARDS) because Triton's compilation is CPU-bound. A failing test stops the suite before the benchmarks and its
    case is printed. A test skipped on a GPU is a check that did not run: it is listed and the exit code is 1.
 2. nf4: benchmarks/bench_nf4.py --quick: the fused GEMV against bitsandbytes' gemv_4bit at M = 1 and the GEMM
    against cuBLAS bf16 at M = 4096, 7B shapes; GEMV GB/s against the spec-sheet peak (a table by device name)
@@ -49,11 +49,22 @@ STAGES = ("correctness", "nf4", "train")
 # leaves room for the suite's own start and summary inside 8 minutes.
 BUDGET = {"cuda": {"correctness": 230, "nf4": 80, "train": 150}, "cpu": {"correctness": 150, "nf4": 60, "train": 90}}
 TOTAL = {"cuda": 470, "cpu": 310}
-# The correctness shards, run side by side: Triton compiles each kernel configuration on one CPU core.
+# The correctness stage's pytest shards, run side by side. On a GPU, Triton compiles each kernel configuration
+# (tile sizes x direction x dtype) on one CPU core and torch.compile builds flex_attention's kernels, so the
+# tests are grouped by what they compile; tests/test_gpu_suite.py checks that the groups cover each test once.
 SHARDS = {
-    "gpu-triton": ["tests/test_gpu.py", "-k", "triton or dequantize"],
-    "gpu-model": ["tests/test_gpu.py", "-k", "not (triton or dequantize)"],
-    "triton-nf4": ["tests/test_triton_nf4.py"],
+    "cuda": {
+        "nf4-bf16": ["tests/test_gpu.py", "-k", "(triton or dequantize) and not fp16"],
+        "nf4-fp16": ["tests/test_gpu.py", "-k", "triton and fp16"],
+        "flex": ["tests/test_gpu.py", "-k", "flex"],
+        "qlora-step": ["tests/test_gpu.py", "-k", "qlora_bf16_step"],
+        "train-py": ["tests/test_gpu.py", "-k", "train_py"],
+        "triton-nf4-fp32": ["tests/test_triton_nf4.py", "-k", "dtype0"],
+        "triton-nf4-bf16": ["tests/test_triton_nf4.py", "-k", "dtype1"],
+        "triton-nf4-rest": ["tests/test_triton_nf4.py", "-k", "not (dtype0 or dtype1)"],
+    },
+    # CPU: the cuda tests only skip, and the interpreter has nothing to compile
+    "cpu": {"gpu": ["tests/test_gpu.py"], "triton-nf4": ["tests/test_triton_nf4.py"]},
 }
 HEARTBEAT_S = 30
 
@@ -140,7 +151,7 @@ def stage_correctness(args, out: Path, env: dict, timeout: float) -> dict:
     if args.tests:
         shards = {"tests": args.tests}
     else:
-        shards = {k: v for k, v in SHARDS.items() if not (args.quick and k == "triton-nf4")}
+        shards = {k: v for k, v in SHARDS[args.device].items() if not (args.quick and k.startswith("triton-nf4"))}
     jobs, logs, xmls = {}, {}, {}
     for name, paths in shards.items():
         xmls[name], logs[name] = out / f"pytest_{name}.xml", out / f"pytest_{name}.log"
@@ -318,8 +329,9 @@ def summary(suite: dict) -> str:
 def nf4_tables(r: dict) -> list[str]:
     lines = [f"Weights NF4 (blocksize 64, double quant), x bf16, {r['device_name']}; ms = "
              + ("triton.testing.do_bench median (L2 flushed)" if r["device"] == "cuda" else f"median of {r['reps']} calls")
-             + f". Bandwidth references: spec-sheet peak {f(r.get('peak_gbs'), '.0f')} GB/s "
-             f"({r.get('peak_source') or 'unknown'}), measured device-to-device copy {f(r.get('copy_gbs'), '.0f')} GB/s.",
+             + (f". Bandwidth references: spec-sheet peak {f(r.get('peak_gbs'), '.0f')} GB/s "
+                f"({r.get('peak_source') or 'not in the table'}), measured device-to-device copy "
+                f"{f(r.get('copy_gbs'), '.0f')} GB/s." if r["device"] == "cuda" else "."),
              "", "| proj | N x K | M | ours triton ms | ours torch ms | bnb matmul_4bit ms | bnb gemv_4bit ms | "
              "dense bf16 ms | bnb/triton | triton/dense | gemv_4bit/triton | triton GB/s | of peak | of copy | "
              "bnb gemv GB/s | max rel err triton |",
