@@ -9,7 +9,7 @@ is unchanged. benchmarks/gpu_suite.py runs this file (and test_triton_nf4.py, co
   parameter gradients) it gets run alone through plain causal SDPA;
 - one QLoRA step in bf16 autocast on a 134M-parameter Llama: loss and every LoRA gradient against
   transformers + peft + bitsandbytes on the same weights, adapter and batch (benchmarks/parity.py, the same
-  code bench_train.py gates its timing with);
+  code bench_train.py gates its timing with), with HF's fp32 step as the reference for bf16's rounding;
 - train.py, a few QLoRA steps on the GPU: the adapter it saves loads in PEFT and reproduces our logits.
 
 The error bound for the kernels is the interpreter tests' (test_triton_nf4.py) at the summed length R: one ulp of
@@ -216,8 +216,9 @@ def test_packed_flex_attention_equals_documents_alone(dtype, monkeypatch):
 def test_qlora_bf16_step_matches_transformers_peft_bitsandbytes(tmp_path):
     import parity
     r = parity.step0_parity(tmp_path, "qlora", "small", DEVICE, "bf16", seq_len=512, tokens_per_step=2048)
-    print(f"loss ours {r['loss0_ours']:.5f} HF {r['loss0_hf']:.5f}; worst gradient {r['grad_worst']} "
-          f"{r['grad_rel_err']:.2e} of its max")
+    print(f"loss ours {r['loss0_ours']:.5f} HF {r['loss0_hf']:.5f} HF fp32 {r['loss0_ref']:.5f}; worst gradient "
+          f"{r['grad_worst']} {r['grad_rel_err']:.2e} of its max; from HF's fp32 step: ours {r['ours_vs_ref']}, "
+          f"HF bf16 {r['hf_vs_ref']}")
     assert r["n_grads"] == 2 * 7 * parity.SIZES["small"]["n_layers"]  # lora_A and lora_B of 7 projections per layer
     assert not r["failures"], "; ".join(r["failures"])
 

@@ -80,15 +80,16 @@ def test_failing_correctness_stops_before_benchmarks(tmp_path, capsys):
 
 def test_a_stage_out_of_time_is_killed_and_reported(tmp_path, monkeypatch, capsys):
     tests = tmp_path / "test_hang.py"
-    tests.write_text("import time\n\ndef test_hangs():\n    time.sleep(600)\n")
-    monkeypatch.setitem(gpu_suite.TOTAL, "cpu", 8)
-    monkeypatch.setitem(gpu_suite.BUDGET, "cpu", {"correctness": 8, "nf4": 60, "train": 90})
+    tests.write_text("import time\n\ndef test_quick():\n    pass\n\ndef test_hangs():\n    time.sleep(600)\n")
+    monkeypatch.setitem(gpu_suite.TOTAL, "cpu", 15)
+    monkeypatch.setitem(gpu_suite.BUDGET, "cpu", {"correctness": 15, "nf4": 60, "train": 90})
     out = tmp_path / "out"
     code = gpu_suite.main(["--device", "cpu", "--out", str(out), "--tests", str(tests), "--stages", "correctness"])
     assert code == 1
     c = json.loads((out / "correctness.json").read_text())
     assert c["status"] == "timeout" and c["shards"]["tests"]["exit"] is None
-    assert "ran out of time" in c["problems"][0]
+    assert "ran out of time" in c["problems"][0] and "test_hangs" in c["problems"][0]  # the test it was running
+    assert [(x["test"].split("::")[-1], x["outcome"]) for x in c["cases"]] == [("test_quick", "passed")]
     assert "FAILED: correctness timeout" in capsys.readouterr().out
 
 
