@@ -90,24 +90,26 @@ def run_all(jobs: dict[str, list[str]], logs: dict[str, Path], env: dict, timeou
                                            start_new_session=True)  # its own process group, killed as one
     t0 = time.time()
     beat = t0 + HEARTBEAT_S
-    while any(p.poll() is None for p in procs.values()) and time.time() - t0 < timeout:
-        time.sleep(0.5)
-        if time.time() >= beat:
-            beat += HEARTBEAT_S
-            running = [n for n, p in procs.items() if p.poll() is None]
-            print(f"  {stage}: {time.time() - t0:.0f}s, running {', '.join(running)}; "
-                  + "; ".join(f"{n}: {last_line(logs[n])[:100]}" for n in running), flush=True)
-    codes = {}
-    for name, p in procs.items():
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
-            codes[name] = None
-        else:
-            codes[name] = p.returncode
+    try:
+        while any(p.poll() is None for p in procs.values()) and time.time() - t0 < timeout:
+            time.sleep(0.5)
+            if time.time() >= beat:
+                beat += HEARTBEAT_S
+                running = [n for n, p in procs.items() if p.poll() is None]
+                print(f"  {stage}: {time.time() - t0:.0f}s, running {', '.join(running)}; "
+                      + "; ".join(f"{n}: {last_line(logs[n])[:100]}" for n in running), flush=True)
+    finally:  # out of time, or the suite itself interrupted: nothing of ours keeps running
+        codes = {}
+        for name, p in procs.items():
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+                codes[name] = None
+            else:
+                codes[name] = p.returncode
     return codes
 
 
@@ -495,4 +497,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill from outside still stops the subprocesses
     sys.exit(main())

@@ -144,6 +144,7 @@ def test_cpu_quick_run_writes_json_and_summary(tmp_path, capsys):
     assert "## Training step" in md and "| 64 | qlora |" in md
 
 
+@pytest.mark.slow
 def test_gpu_shards_cover_every_test_once():
     """The GPU run's pytest shards (-k groups) select every test of their files exactly once."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
