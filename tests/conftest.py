@@ -23,6 +23,7 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
 
+
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA2_TOKENIZER = Path(os.environ.get("LLAMA2_TOKENIZER", ROOT.parent / "shared" / "fixtures" / "llama2-tokenizer.model"))
 
