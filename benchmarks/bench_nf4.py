@@ -1,7 +1,7 @@
 """NF4 dequantize and matmul at Llama-2 projection shapes: ours vs bitsandbytes vs a dense matmul.
 
     python benchmarks/bench_nf4.py [--device cpu|cuda] [--shapes 7b|13b|70b|all|tiny|7b,70b] [--ms 1,16,512]
-                                   [--reps N] [--peak-gbs GB/s]
+                                   [--reps N] [--peak-gbs GB/s] [--quick] [--out-dir results]
 
 For each weight W [N, K] (bf16, quantized by bitsandbytes: NF4, blocksize 64, double quantization) it times
 
@@ -20,11 +20,14 @@ error is in the JSON). Timings: on CUDA triton.testing.do_bench (median; L2 flus
 weight that fits L2 is still read from HBM); on CPU the median of --reps wall-clock calls, the
 implementations taking turns so that load from other processes hits all of them alike. On CUDA the GEMV
 rows (M = 1) also report GB/s: the bytes a GEMV must read (packed weight, 8-bit absmax, second-level
-scales, x) and write (y) over the time, against the card's peak (a table by device name, or --peak-gbs).
+scales, x) and write (y) over the time, against two references: the card's peak from its spec sheet (a table
+by device name, or --peak-gbs) and the bandwidth this run measures for a 1 GiB device-to-device copy
+(bytes read + written over do_bench's median time), which is what the memory system delivers in practice.
+--quick: the two targets' rows only (7B shapes, M = 1 and 4096) on CUDA; the tiny shape on CPU (a smoke run).
 
 Targets (issue 3): CPU no slower than bitsandbytes' CPU path; CUDA: the fused GEMM within 1.15x of dense
 bf16 cuBLAS at M = 4096, the GEMV >= 1.3x faster than bnb's gemv_4bit at M = 1.
-Table printed; JSON written to results/bench_nf4_<device>.json.
+Table printed; JSON written to <out-dir>/bench_nf4_<device>.json (default results/).
 """
 import argparse
 import json
@@ -58,10 +61,22 @@ PEAK_GBS = [
 ]
 
 MATMULS = ("ours", "ours_triton", "bnb_deq_mm", "bnb_matmul", "bnb_gemv", "dense")
+QUICK = {"cuda": dict(shapes="7b", ms="1,4096"), "cpu": dict(shapes="tiny", ms="1,16", reps=2)}
 
 
 def peak_gbs(name: str) -> float | None:
     return next((gbs for key, gbs in PEAK_GBS if key in name), None)
+
+
+def copy_gbs(n_bytes: int = 1 << 30) -> float:
+    """Achieved bandwidth of a device-to-device copy of n_bytes, GB/s (each byte is read once and written once)."""
+    import triton.testing
+    a = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=25, rep=100, return_mode="median")
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n_bytes / (ms * 1e-3) / 1e9
 
 
 def device_name(device: str) -> str:
@@ -97,7 +112,7 @@ def time_all(fns: dict, device: str, reps: int, warmup: int) -> dict[str, float]
 
 
 def bench_shape(name: str, N: int, K: int, ms: list[int], device: str, reps: int, warmup: int,
-                peak: float | None) -> list[dict]:
+                peak: float | None, copy: float | None = None) -> list[dict]:
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbF
 
@@ -156,6 +171,8 @@ def bench_shape(name: str, N: int, K: int, ms: list[int], device: str, reps: int
                 row[f"{k}_gbs"] = moved / (t[k] * 1e-3) / 1e9
                 if peak:
                     row[f"{k}_of_peak"] = row[f"{k}_gbs"] / peak
+                if copy:
+                    row[f"{k}_of_copy"] = row[f"{k}_gbs"] / copy
         rows.append(row)
         print_row(row)
     return rows
@@ -223,7 +240,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (cpu; default: torch's)")
     ap.add_argument("--peak-gbs", type=float, default=None, help="the GPU's peak memory bandwidth (default: "
                     "looked up by device name)")
+    ap.add_argument("--quick", action="store_true", help="the GPU suite's rows (QUICK): 7B shapes at M = 1 and 4096 "
+                    "on cuda, the tiny shape on cpu; --shapes/--ms given explicitly still win")
+    ap.add_argument("--out-dir", default=str(ROOT / "results"))
     args = ap.parse_args(argv)
+    if args.quick:
+        q = QUICK[args.device]
+        args.shapes, args.ms = args.shapes or q["shapes"], args.ms or q["ms"]
+        args.reps = q.get("reps", args.reps)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_nf4.py: --device cuda but torch.cuda.is_available() is False")
     cpu = args.device == "cpu"
@@ -237,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     ms = [int(m) for m in (args.ms or ("1,16,512" if cpu else "1,16,512,4096")).split(",")]
     name = device_name(args.device)
     peak = args.peak_gbs or (peak_gbs(name) if not cpu else None)
+    copy = None if cpu else copy_gbs()
     print(f"NF4 (bitsandbytes format, blocksize 64, double quant) at Llama-2 {'+'.join(names)} shapes, bf16, "
           f"M = {ms}, on {name}")
     if cpu:
@@ -246,8 +271,12 @@ def main(argv: list[str] | None = None) -> dict:
             print("  other processes are running: with 2+ threads on busy cores every parallel op can stall on a "
                   "descheduled thread, which punishes many small ops far more than one big kernel; "
                   "--threads 1 compares more fairly there")
-    elif peak is None:
-        print(f"no peak bandwidth known for {name!r}: pass --peak-gbs to get GEMV % of peak")
+    else:
+        print(f"bandwidth references: spec-sheet peak {fmt(peak, '.0f')} GB/s "
+              f"({'--peak-gbs' if args.peak_gbs else 'table by device name'}), measured device-to-device copy "
+              f"{copy:.0f} GB/s")
+        if peak is None:
+            print(f"no peak bandwidth known for {name!r}: pass --peak-gbs to get GEMV % of peak")
     if triton_available(args.device) and cpu:
         print("TRITON_INTERPRET=1: the Triton column runs in the interpreter (slow: use --shapes tiny)")
     print_header(args.device)
@@ -255,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for n in names:
         for proj, N, K in SHAPES[n]:
-            rows += bench_shape(proj, N, K, ms, args.device, args.reps, args.warmup, peak)
+            rows += bench_shape(proj, N, K, ms, args.device, args.reps, args.warmup, peak, copy)
     judged = targets(rows, args.device)
     print("targets:")
     for k, ok in judged.items():
@@ -263,12 +292,14 @@ def main(argv: list[str] | None = None) -> dict:
     import bitsandbytes
     import triton
     result = {"device": args.device, "device_name": name, "dtype": "bfloat16", "shapes": names, "ms": ms,
-              "reps": args.reps if cpu else "do_bench", "peak_gbs": peak, "torch": torch.__version__,
+              "reps": args.reps if cpu else "do_bench", "peak_gbs": peak,
+              "peak_source": "--peak-gbs" if args.peak_gbs else ("spec table by device name" if peak else None),
+              "copy_gbs": copy, "torch": torch.__version__,
               "triton": triton.__version__, "bitsandbytes": bitsandbytes.__version__,
               "threads": torch.get_num_threads(), "load_avg_before": load_before,
               "load_avg_after": os.getloadavg()[0], "rows": rows, "targets": judged}
-    out = ROOT / "results" / f"bench_nf4_{args.device}.json"
-    out.parent.mkdir(exist_ok=True)
+    out = Path(args.out_dir) / f"bench_nf4_{args.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return result

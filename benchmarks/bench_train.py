@@ -3,6 +3,7 @@
     python benchmarks/bench_train.py --size small                          # CPU, ~15-25 min on 2 cores
     python benchmarks/bench_train.py --size 7b --device cuda
     python benchmarks/bench_train.py --size tiny --seq-len 128 --modes lora  # seconds
+    python benchmarks/bench_train.py --quick [--device cuda]               # the GPU suite's run (QUICK)
 
 A step is forward, backward, gradient clipping (0.3) and AdamW (lr 2e-4, the same torch.optim.AdamW
 construction on both sides), on one packed batch of --tokens-per-step tokens (rows of --seq-len):
@@ -22,21 +23,16 @@ Modes: full, lora, qlora, each without and with gradient checkpointing (`+gc`). 
 all seven projections, --lora-dropout (default 0.05, the QLoRA recipe's). Precision: fp32 on CPU; bf16
 weights under bf16 autocast on CUDA (as train.py and the HF Trainer with bf16=True).
 
-Same computation on both sides, checked before anything is timed:
-- weights: a random `LlamaConfig` model (norm weights randomised too) saved with `save_pretrained`; ours
-  loads that folder with `llama.load_model`. The adapter (random B, so the LoRA path is not a no-op) is
-  written by peft's `save_pretrained` and loaded by both.
-- packed batch: `train.pack` rows with document ids. Ours takes `doc_ids`; HF gets `position_ids` that
-  restart at 0 at each document and no attention_mask, from which transformers builds the same
-  block-diagonal causal mask (`masking_utils.find_packed_sequence_indices`: TRL's padding-free packing).
-  Labels: ours are already shifted (label[i] = token[i+1]); HF shifts inside its loss, so it gets them
-  moved one place right. Both losses are the mean over the same trained tokens.
-- step 0 runs with LoRA dropout switched off; the losses must agree within 1e-4 (fp32) and the
-  gradients of every adapter weight (full mode: of layer 0, the last layer, the final norm, the
-  embeddings and the head) within 1e-3 of their max magnitude, else the run stops: a speed comparison of
-  different computations is worthless. bf16 runs use 2e-2 for both, and so do QLoRA's gradients:
-  double quantization is not invariant under HF's rotary row order, so the two stacks hold slightly
-  different NF4 q/k weights (see QLORA_GRAD_TOL).
+Same computation on both sides, checked before anything is timed (benchmarks/parity.py, which
+tests/test_gpu.py shares): the same random HF checkpoint and PEFT adapter loaded by both, the same packed
+batch (ours: doc_ids; HF: position_ids restarting at each document, labels moved one place right); step 0
+runs with LoRA dropout switched off and the losses must agree within 1e-4 (fp32) and the gradients of every
+adapter weight (full mode: of layer 0, the last layer, the final norm, the embeddings and the head) within
+1e-3 of their max magnitude (QLoRA 2e-2: double quantization is not invariant under HF's rotary row order, so
+the two stacks hold slightly different NF4 q/k weights), else the run stops: a speed comparison of different
+computations is worthless. bf16 runs (CUDA) also run HF's step in fp32 on the same weights, in a third process
+that exits before the timing, and ours must be within 2e-2 of that reference or no further from it than twice
+HF's own bf16 step (parity.judge).
 
 Timing and memory: every configuration runs in its own fresh process (ours and HF side by side, one
 pair per mode and seq-len); the parent asks them for steps alternately (ours, HF, HF, ours, ...) so
@@ -71,104 +67,19 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-R, ALPHA, CLIP, LR = 16, 32, 0.3, 2e-4
-HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from parity import (ALPHA, R, SIZES, ParityError, autocast, build_hf, build_ours, judge, make_batch,  # noqa: E402
+                    make_inputs, n_params, runs, saved_grads, side_spec)
+
+CLIP = 0.3
 MODES = ("full", "full+gc", "lora", "lora+gc", "qlora", "qlora+gc")
-# Llama-2 shapes; small is Llama-2's architecture at GPT-2-small width (134M parameters, 85M in the layers).
-SIZES = {
-    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=192, vocab=512),
-    "small": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, hidden=2048, vocab=32000),
-    "7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden=11008, vocab=32000),
+# --quick: what benchmarks/gpu_suite.py runs. On CUDA the two modes it reports, sized for its time budget (134M
+# parameters, 8 rows of 1024 tokens: enough work that a step is not all kernel launches); on CPU a smoke run of
+# the whole script on the tiny model (QLoRA, the mode that exercises every stack's parts).
+QUICK = {
+    "cuda": dict(size="small", seq_len=[1024], modes=["lora", "qlora"], tokens_per_step=8192, reps=10, warmup=2),
+    "cpu": dict(size="tiny", seq_len=[64], modes=["qlora"], tokens_per_step=128, reps=1, warmup=0),
 }
-TOL = {"fp32": (1e-4, 1e-3), "bf16": (2e-2, 2e-2)}  # (|loss difference|, gradient error / max |gradient|)
-# QLoRA: double quantization scales the absmaxes of 256 consecutive 64-value blocks together, and HF's rotary
-# row order (checkpoint.permute_for_hf) moves rows of wq/wk between those groups. So ours (quantized in Meta's
-# order) and bitsandbytes (in HF's) hold slightly different NF4 q/k weights (~0.5% of max |w| in most values;
-# the other five projections are bit-identical), which moves every gradient downstream by up to ~0.5%.
-QLORA_GRAD_TOL = 2e-2
 MARK = "@@bench "  # replies from a child start with this; anything else on its stdout is library chatter
-
-
-class ParityError(RuntimeError):
-    pass
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared inputs: checkpoint, adapter, packed batch (made once by the parent, read by every child).
-
-
-def n_params(s: dict) -> int:
-    layer = 2 * s["dim"] * s["dim"] + 2 * s["dim"] * s["dim"] // s["n_heads"] * s["n_kv_heads"] \
-        + 3 * s["dim"] * s["hidden"] + 2 * s["dim"]
-    return s["n_layers"] * layer + 2 * s["vocab"] * s["dim"] + s["dim"]
-
-
-def make_inputs(work: Path, size: str, dtype: str, lora_dropout: float) -> Path:
-    """HF checkpoint + PEFT adapter in work/ (reused when they were made with the same settings)."""
-    spec = {"size": SIZES[size], "dtype": dtype, "lora_dropout": lora_dropout, "r": R, "alpha": ALPHA, "seed": 0}
-    stamp = work / "inputs.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == spec:
-        return work
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    s = SIZES[size]
-    cfg = LlamaConfig(hidden_size=s["dim"], intermediate_size=s["hidden"], num_hidden_layers=s["n_layers"],
-                      num_attention_heads=s["n_heads"], num_key_value_heads=s["n_kv_heads"], vocab_size=s["vocab"],
-                      rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16 if dtype == "bf16" else torch.float32)
-    try:
-        model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(old)
-    with torch.no_grad():  # HF initialises norms to 1: random ones make a swapped or missing norm visible
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
-    work.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(work / "hf")
-    peft_model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=lora_dropout,
-                                                  target_modules=HF_TARGETS, task_type="CAUSAL_LM"))
-    with torch.no_grad():  # B = 0 would make the adapter a no-op and every lora_A gradient zero
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.02)
-    peft_model.save_pretrained(work / "adapter")
-    del model, peft_model
-    stamp.write_text(json.dumps(spec))
-    return work
-
-
-def make_batch(path: Path, seq_len: int, tokens_per_step: int, vocab: int, seed: int = 0) -> dict:
-    """Synthetic SFT samples (lengths seq_len/16 .. seq_len/2, the first 30% of each untrained: the
-    prompt) packed by train.pack; the first tokens_per_step // seq_len rows form the batch."""
-    import train
-
-    rows = max(1, tokens_per_step // seq_len)
-    g = torch.Generator().manual_seed(seed)
-    samples, total = [], 0
-    while total < 1.1 * rows * seq_len:
-        n = int(torch.randint(max(8, seq_len // 16), seq_len // 2 + 1, (), generator=g))
-        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
-        n_prompt = int(0.3 * n)
-        samples.append((ids, [False] * n_prompt + [True] * (n - n_prompt)))
-        total += n
-    packed = {k: v[:rows] for k, v in train.pack(samples, seq_len, pad_id=0).items()}
-    # HF: positions restart at every document (the padding tail included, as ours does) ...
-    pos = torch.zeros_like(packed["doc_ids"])
-    for r in range(rows):
-        for t in range(1, seq_len):
-            same = packed["doc_ids"][r, t] == packed["doc_ids"][r, t - 1]
-            pos[r, t] = pos[r, t - 1] + 1 if same else 0
-    # ... and labels one place to the right: HF's loss compares logits[i] with labels[i + 1]
-    assert (packed["labels"][:, -1] == -100).all(), "a row's last label must be untrained (it ends a document)"
-    hf_labels = torch.full_like(packed["labels"], -100)
-    hf_labels[:, 1:] = packed["labels"][:, :-1]
-    batch = dict(packed, position_ids=pos, hf_labels=hf_labels)
-    torch.save(batch, path)
-    return batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,116 +101,6 @@ def _trim() -> None:
         pass
 
 
-def build_ours(spec: dict, device: torch.device, dtype: torch.dtype):
-    import lora
-    import train
-
-    mode = spec["mode"].split("+")[0]
-    cfg = train.TrainConfig(ckpt=spec["hf"], quant="nf4" if mode == "qlora" else "none", full=mode == "full",
-                            lora_r=R, lora_alpha=ALPHA, lora_dropout=spec["lora_dropout"],
-                            grad_checkpointing=spec["mode"].endswith("+gc"), device=str(device),
-                            init_adapter="" if mode == "full" else spec["adapter"], lr=LR)
-    model, _ = train.build_model(cfg, None, [], device, dtype)
-    if spec.get("perturb"):  # tests: a different computation must be caught by the parity check
-        with torch.no_grad():
-            model.norm.weight.mul_(1 + spec["perturb"])
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = train.make_optimizer(cfg, params, device)
-    b = {k: v.to(device) for k, v in torch.load(spec["batch"]).items()}
-    n_target = int((b["labels"] != -100).sum())
-
-    def loss_fn():
-        return train.loss_sum(model, b["tokens"], b["labels"], b["doc_ids"]) / n_target
-
-    def set_dropout(p: float) -> None:
-        for m in model.modules():
-            if isinstance(m, lora.LoRALinear):
-                m.dropout = p
-
-    return model, params, opt, loss_fn, set_dropout, ours_grads
-
-
-def ours_grads(model) -> dict[str, torch.Tensor]:
-    """Gradients under HF names, q/k rows in HF's rotary order, as the baseline's."""
-    import lora
-    from llama.checkpoint import meta_to_hf_key, permute_for_hf
-
-    args, out = model.args, {}
-    heads = {"wq": args.n_heads, "wk": args.n_kv_heads or args.n_heads}
-    for name, m in model.named_modules():
-        if isinstance(m, lora.LoRALinear):
-            leaf, hf = name.rsplit(".", 1)[-1], meta_to_hf_key(name)
-            gB = m.lora_B.grad
-            out[hf + ".lora_A"] = m.lora_A.grad
-            out[hf + ".lora_B"] = permute_for_hf(gB, heads[leaf]) if leaf in heads else gB
-    if not out:  # full fine-tuning: a subset, enough to check the whole chain
-        for name, p in model.named_parameters():
-            if _full_subset(name, args.n_layers):
-                leaf = name.rsplit(".", 2)[-2]
-                out[meta_to_hf_key(name)] = permute_for_hf(p.grad, heads[leaf]) if leaf in heads else p.grad
-    return out
-
-
-def _full_subset(meta_name: str, n_layers: int) -> bool:
-    return meta_name.startswith(("layers.0.", f"layers.{n_layers - 1}.", "norm.", "tok_embeddings.", "output."))
-
-
-def build_hf(spec: dict, device: torch.device, dtype: torch.dtype):
-    from peft import PeftModel
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
-
-    mode = spec["mode"].split("+")[0]
-    kw = {}
-    if mode == "qlora":
-        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-    model = LlamaForCausalLM.from_pretrained(spec["hf"], dtype=dtype, attn_implementation="sdpa",
-                                             device_map=str(device), **kw)
-    model.config.use_cache = False
-    if spec.get("perturb_hf"):
-        with torch.no_grad():
-            model.model.norm.weight.mul_(1 + spec["perturb_hf"])
-    if spec["mode"].endswith("+gc"):  # what the Trainer does for gradient_checkpointing=True (non-reentrant)
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()
-    if mode != "full":
-        model = PeftModel.from_pretrained(model, spec["adapter"], is_trainable=True)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                            fused=device.type == "cuda")  # = train.make_optimizer's defaults
-    b = {k: v.to(device) for k, v in torch.load(spec["batch"]).items()}
-    n_layers = SIZES[spec["size"]]["n_layers"]
-
-    def loss_fn():
-        return model(input_ids=b["tokens"], position_ids=b["position_ids"], labels=b["hf_labels"],
-                     use_cache=False).loss
-
-    def set_dropout(p: float) -> None:
-        for name, m in model.named_modules():
-            if isinstance(m, torch.nn.Dropout) and "lora_dropout" in name:
-                m.p = p
-
-    def grads(model) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, p in model.named_parameters():
-            if p.grad is None:
-                continue
-            name = name.removeprefix("base_model.model.").replace(".default.weight", "")
-            if mode == "full":
-                name = name.removesuffix(".weight")
-                meta_like = name.replace("model.layers.", "layers.").replace("model.norm", "norm.") \
-                    .replace("model.embed_tokens", "tok_embeddings.").replace("lm_head", "output.")
-                if not _full_subset(meta_like, n_layers):
-                    continue
-                name += ".weight"
-            out[name] = p.grad
-        return out
-
-    return model, params, opt, loss_fn, set_dropout, grads
-
-
 def child(spec: dict) -> None:
     def reply(**kw):
         print(MARK + json.dumps(kw), flush=True)
@@ -318,20 +119,18 @@ def child(spec: dict) -> None:
     t0 = time.perf_counter()
     build = build_hf if spec["impl"] == "hf" else build_ours
     model, params, opt, loss_fn, set_dropout, grads = build(spec, device, dtype)
-    autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32 \
-        else torch.autocast(device.type, enabled=False)
     reply(ready=True, setup_s=time.perf_counter() - t0, rss_imports=rss_imports,
           trainable=sum(p.numel() for p in params), env={k: os.environ.get(k) for k in process_env()})
 
     def step(dump: str | None = None) -> dict:
         sync()
         t, cpu = time.perf_counter(), time.process_time()
-        with autocast:
+        with autocast(device, dtype):
             loss = loss_fn()
         loss.backward()
         if dump:
             from safetensors.torch import save_file
-            save_file({k: v.detach().float().contiguous().cpu() for k, v in grads(model).items()}, dump)
+            save_file(saved_grads(grads(model)), dump)
         gnorm = torch.nn.utils.clip_grad_norm_(params, CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -420,57 +219,32 @@ class Child:
 # The parent: parity, alternating timing, the table.
 
 
-def compare_grads(a_file: str, b_file: str) -> dict[str, float]:
-    """Per tensor: max|a - b| / max|b| (NaN if either is not finite)."""
-    from safetensors.torch import load_file
-
-    a, b = load_file(a_file), load_file(b_file)
-    if set(a) != set(b):
-        raise ParityError(f"gradients of different tensors: only ours {sorted(set(a) - set(b))[:4]}, "
-                          f"only HF {sorted(set(b) - set(a))[:4]}")
-    return {k: ((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)).item() for k in sorted(a)}
-
-
-def worst(errs: dict[str, float]) -> tuple[float, str]:
-    """The largest error and its tensor; NaN counts as the worst."""
-    bad = [(k, e) for k, e in errs.items() if not e <= 1e30]
-    k, e = bad[0] if bad else max(errs.items(), key=lambda kv: kv[1], default=("-", 0.0))
-    return e, k
-
-
 def run_pair(mode: str, seq_len: int, args, work: Path, batch_file: Path, tokens: int) -> dict:
-    base = dict(mode=mode, seq_len=seq_len, size=args.size, device=args.device, dtype=args.dtype,
-                hf=str(work / "hf"), adapter=str(work / "adapter"), batch=str(batch_file),
-                lora_dropout=args.lora_dropout)
     row = {"mode": mode, "seq_len": seq_len, "tokens_per_step": tokens, "loadavg_before": loadavg()}
     children = {}
     try:
-        for impl in ("ours", "hf"):
-            spec = dict(base, impl=impl, perturb=args.perturb_ours if impl == "ours" else 0.0)
-            children[impl] = Child(spec, work / f"log_{impl}_{mode}_{seq_len}.txt")
-        for impl, c in children.items():  # both load at once; nothing is timed yet
+        for name, impl, dtype in runs(args.dtype):  # ours, hf, and in bf16 HF's fp32 step as the reference
+            spec = side_spec(work, batch_file, impl, mode, args.size, args.device, dtype, args.lora_dropout,
+                             seq_len=seq_len, perturb=args.perturb_ours if name == "ours" else 0.0)
+            children[name] = Child(spec, work / f"log_{name}_{mode}_{seq_len}.txt")
+        for name, c in children.items():  # all load at once; nothing is timed yet
             r = c.read()
             if "error" in r:
-                raise RuntimeError(f"{impl} {mode} failed to start: {r['error']}")
-            row[f"{impl}_setup_s"], row[f"{impl}_rss_imports"] = r["setup_s"], r["rss_imports"]
-            row[f"{impl}_trainable"], row[f"{impl}_env"] = r["trainable"], r["env"]
+                raise RuntimeError(f"{name} {mode} failed to start: {r['error']}")
+            row[f"{name}_setup_s"], row[f"{name}_rss_imports"] = r["setup_s"], r["rss_imports"]
+            row[f"{name}_trainable"], row[f"{name}_env"] = r["trainable"], r["env"]
         # ---- step 0: the same computation, or stop
-        step0 = {}
-        for impl, c in children.items():
-            step0[impl] = c.ask("step0", dump=str(work / f"grads_{impl}.safetensors"))
-            if "error" in step0[impl]:
-                return dict(row, error=f"{impl}: {step0[impl]['error']}")
-        tol_loss, tol_grad = TOL[args.dtype]
-        row["loss0_ours"], row["loss0_hf"] = step0["ours"]["loss"], step0["hf"]["loss"]
-        row["loss0_diff"] = abs(row["loss0_ours"] - row["loss0_hf"])
-        errs = compare_grads(str(work / "grads_ours.safetensors"), str(work / "grads_hf.safetensors"))
-        row["grad_rel_err"], where = worst(errs)
-        if mode.startswith("qlora"):
-            tol_grad = max(tol_grad, QLORA_GRAD_TOL)
-        failed = [f"step-0 loss ours {row['loss0_ours']:.6f} vs HF {row['loss0_hf']:.6f} (|diff| "
-                  f"{row['loss0_diff']:.2e} > {tol_loss:g})"] if not row["loss0_diff"] <= tol_loss else []
-        if not row["grad_rel_err"] <= tol_grad:
-            failed.append(f"gradient of {where} differs by {row['grad_rel_err']:.2e} of its max (> {tol_grad:g})")
+        from safetensors.torch import load_file
+        loss, grads = {}, {}
+        for name, c in children.items():
+            r = c.ask("step0", dump=str(work / f"grads_{name}.safetensors"))
+            if "error" in r:
+                return dict(row, error=f"{name}: {r['error']}")
+            loss[name], grads[name] = r["loss"], load_file(work / f"grads_{name}.safetensors")
+        if "ref" in children:  # done: its memory is not the timed processes' to share
+            children.pop("ref").close()
+        figures, failed = judge(mode, args.dtype, loss, grads)
+        row.update(figures)
         if failed:
             raise ParityError(f"{mode} seq {seq_len}: " + "; ".join(failed)
                               + ". The two sides do not compute the same step; nothing was timed.")
@@ -590,13 +364,16 @@ def plot(result: dict, path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", default="small", choices=list(SIZES))
+    ap.add_argument("--size", default=None, choices=list(SIZES), help="default: small (--quick on cpu: tiny)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--seq-len", type=int, nargs="+", default=[512, 2048])
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    ap.add_argument("--tokens-per-step", type=int, default=2048, help="rows per step = this // seq-len (at least 1)")
+    ap.add_argument("--quick", action="store_true", help="the GPU suite's sizes (QUICK): LoRA and QLoRA only, one "
+                    "sequence length; on cpu QLoRA on the tiny model. Flags given explicitly still win")
+    ap.add_argument("--seq-len", type=int, nargs="+", default=None, help="default: 512 2048")
+    ap.add_argument("--modes", nargs="+", default=None, choices=MODES, help="default: all six")
+    ap.add_argument("--tokens-per-step", type=int, default=None, help="rows per step = this // seq-len (at least 1; "
+                    "default 2048)")
     ap.add_argument("--reps", type=int, default=None, help="timed steps per side (default 6 on cpu: shared CPUs are noisy, 10 on cuda)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps after step 0")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps after step 0 (default 1)")
     ap.add_argument("--lora-dropout", type=float, default=0.05)
     ap.add_argument("--work-dir", default=None, help="checkpoint, adapter, batches, logs (default: a temp folder, reused)")
     ap.add_argument("--out-dir", default=str(ROOT / "results"))
@@ -609,6 +386,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
     args.dtype = "bf16" if args.device == "cuda" else "fp32"
+    defaults = QUICK[args.device] if args.quick else dict(size="small", seq_len=[512, 2048], modes=list(MODES),
+                                                          tokens_per_step=2048, reps=None, warmup=1)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     args.reps = args.reps or (10 if args.device == "cuda" else 6)
     for s in args.seq_len:
         if s < 16 or s > 4096:

@@ -13,6 +13,17 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` (tests/test_gpu.py) need a CUDA GPU: without one they are skipped, with the reason."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA2_TOKENIZER = Path(os.environ.get("LLAMA2_TOKENIZER", ROOT.parent / "shared" / "fixtures" / "llama2-tokenizer.model"))
 
