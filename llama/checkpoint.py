@@ -449,7 +449,7 @@ def _check_tokenizer(path: Path, vocab_size: int) -> None:
     except (OSError, RuntimeError) as e:
         raise CheckpointError(f"{tok}: cannot be read as a SentencePiece model ({e})") from e
     if not (vocab_size == t.n_words or (t.n_words < vocab_size < t.n_words + 128 and vocab_size % 128 == 0)):
-        raise CheckpointError(f"{tok} has {t.n_words} tokens ({len(t.special_tokens)} from added_tokens.json), but "
+        raise CheckpointError(f"{tok} has {t.n_words} tokens ({len(t.special_tokens)} from added_tokens.json), but the "
                               f"checkpoint in {path} has {vocab_size} embedding rows")
 
 

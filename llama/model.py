@@ -29,8 +29,8 @@ Three ways to run attention, one `forward`:
   would see alone. The mask is causal AND same-doc (block-diagonal). On CUDA it is a flex_attention
   BlockMask (compiled flex_attention skips the blocks that are fully masked, so short documents cost what
   they would cost alone, and it never materialises a T x T mask); elsewhere, or without flex_attention,
-  each document is its own causal SDPA call (the row is split at document boundaries): the same saving,
-  sum of L_i^2 instead of T^2, at the price of one kernel call per document, cheap on CPU.
+  each document is its own causal SDPA call (`attend_spans`, the row split at document boundaries): the
+  same saving, sum of L_i^2 instead of T^2, at the price of one kernel call per document, cheap on CPU.
 - cached (`start_pos`): generation with a KV cache (`setup_cache`), Meta's scheme: one start position for
   the batch, prompts right-padded, prefill (T > 1) then one token at a time (T == 1).
 """
@@ -211,9 +211,8 @@ def repeat_kv(x: Tensor, rep: int) -> Tensor:
 
 
 def attend_spans(q: Tensor, k: Tensor, v: Tensor, spans: list[list[tuple[int, int]]]) -> Tensor:
-    """Causal attention inside each document of packed rows: q, k, v [B, H, T, D] and spans[b] the
-    [(start, end), ...] of row b's documents, covering it. Equal to SDPA with the causal AND same-document mask,
-    at the cost of the documents alone (sum of L_i^2, not T^2): one causal SDPA call per document.
+    """Causal attention inside each document of packed rows, one SDPA call per document: q, k, v [B, H, T, D],
+    spans[b] the [(start, end), ...] of row b's documents, covering it (`packed_mask`).
 
     Rows and documents are cut with `split`, whose backward is one cat per tensor, not by slicing, whose
     backward fills a zero tensor of q's full size per slice and adds it in. Rows stay 4-d [1, H, T, D]
