@@ -15,7 +15,8 @@ Hugging Face layout: `config.json` + `model.safetensors` (or `model-0000k-of-000
 and so does RoPE: Meta rotates interleaved pairs (x_2i, x_2i+1), HF rotates halves (x_i, x_i+D/2). Both
 compute the same attention scores if the rows of wq and wk are permuted inside each head so that
     HF row  j * D/2 + i  =  Meta row  2i + j        (i < D/2, j in {0, 1})
-which is `permute_for_hf`; `unpermute_from_hf` is its inverse. Scores q·k are sums over the pairs, so
+which is `permute_for_hf` (`unpermute_from_hf` is its inverse; `rotary_heads` says which tensors it applies to,
+for the loader, the saver and LoRA's PEFT export alike). Scores q·k are sums over the pairs, so
 renumbering the pairs the same way in q and k changes nothing else.
 
 Loading streams: the model is built on the `meta` device (no memory), files are opened with
@@ -41,7 +42,6 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from sentencepiece import SentencePieceProcessor
 from torch import Tensor, nn
 
 from .model import ModelArgs, Transformer
@@ -101,19 +101,34 @@ def hf_to_meta_key(name: str) -> str:
     raise ValueError(f"not a Llama parameter/module name in Hugging Face's layout: {name!r}")
 
 
+def rotary_heads(args: ModelArgs, name: str) -> int | None:
+    """The heads HF's rotary permutation splits the rows of `name` into: n_heads for wq, n_kv_heads for wk
+    (a module name or one of its tensors, "layers.0.attention.wk[.weight]"), None for every other tensor."""
+    m = _META_LAYER_RE.match(name)
+    return {"attention.wq": args.n_heads, "attention.wk": args.n_kv_heads}.get(m[2]) if m else None
+
+
 def permute_for_hf(w: Tensor, n_heads: int) -> Tensor:
     """Meta -> HF row order of wq (n_heads) or wk (pass n_kv_heads): within each head, Meta row 2i + j goes
     to HF row j * D/2 + i. w: [n_heads * D, ...] (a weight, a LoRA B matrix, a bias)."""
-    D = w.shape[0] // n_heads
-    assert n_heads * D == w.shape[0] and D % 2 == 0, f"{tuple(w.shape)} rows do not split into {n_heads} heads"
-    return w.reshape(n_heads, D // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    return _permute_rows(w, n_heads, to_hf=True)
 
 
-def unpermute_from_hf(w: Tensor, n_heads: int) -> Tensor:
-    """HF -> Meta row order, the inverse of `permute_for_hf`."""
+def unpermute_from_hf(w: Tensor, n_heads: int, out: Tensor | None = None) -> Tensor:
+    """HF -> Meta row order, the inverse of `permute_for_hf`. With `out` (same shape, any dtype or device) the
+    rows are copied straight into it, with no temporary."""
+    return _permute_rows(w, n_heads, to_hf=False, out=out)
+
+
+def _permute_rows(w: Tensor, n_heads: int, to_hf: bool, out: Tensor | None = None) -> Tensor:
     D = w.shape[0] // n_heads
     assert n_heads * D == w.shape[0] and D % 2 == 0, f"{tuple(w.shape)} rows do not split into {n_heads} heads"
-    return w.reshape(n_heads, 2, D // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    split = (D // 2, 2) if to_hf else (2, D // 2)  # rows of a head as [pair i, j] (Meta) or [j, i] (HF)
+    moved = w.reshape(n_heads, *split, *w.shape[1:]).transpose(1, 2)
+    if out is None:
+        return moved.reshape(w.shape)
+    out.view(moved.shape).copy_(moved)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -361,7 +376,7 @@ def _hf_args(cfg: dict, file: Path) -> ModelArgs:
     hidden, base = cfg["intermediate_size"], int(2 * 4 * dim / 3)
     multiple_of, mult = (256, None) if 256 * -(-base // 256) == hidden else (hidden, hidden / base)
     return ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
-                     n_kv_heads=cfg.get("num_key_value_heads") or n_heads, vocab_size=cfg["vocab_size"],
+                     n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
                      multiple_of=multiple_of, ffn_dim_multiplier=mult, norm_eps=cfg.get("rms_norm_eps", 1e-5),
                      rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
                      max_seq_len=cfg.get("max_position_embeddings", 4096))
@@ -411,10 +426,8 @@ def _open_hf(path: Path):
                 t = handles[file].get_tensor(key)  # may be a view of the memory-mapped file
                 _check_shape(file, name, t.shape, expected[name])
                 out = torch.empty(t.shape, dtype=dtype, device=device)  # our own memory, in the target dtype
-                heads = {"wq": args.n_heads, "wk": args.n_kv_heads or args.n_heads}.get(name.split(".")[-2])
-                if heads:  # unpermute_from_hf, written as a copy into place so no temporary is made
-                    D = t.shape[0] // heads
-                    out.view(heads, D // 2, 2, -1).copy_(t.view(heads, 2, D // 2, -1).transpose(1, 2))
+                if heads := rotary_heads(args, name):
+                    unpermute_from_hf(t, heads, out=out)
                 else:
                     out.copy_(t)
                 del t
@@ -430,15 +443,14 @@ def _check_tokenizer(path: Path, vocab_size: int) -> None:
     if tok is None:
         return
     try:
-        n = SentencePieceProcessor(model_file=str(tok)).vocab_size()
+        t = Tokenizer(tok)  # it decides its size: the SentencePiece vocabulary and the added tokens beside it
+    except ValueError as e:  # a malformed added_tokens.json; the message names the file
+        raise CheckpointError(str(e)) from e
     except (OSError, RuntimeError) as e:
         raise CheckpointError(f"{tok}: cannot be read as a SentencePiece model ({e})") from e
-    added = tok.parent / "added_tokens.json"
-    if added.is_file():
-        n = max([n, *(int(i) + 1 for i in _read_json(added).values())])
-    if not (vocab_size == n or (n < vocab_size < n + 128 and vocab_size % 128 == 0)):
-        raise CheckpointError(f"{tok} (with {added.name if added.is_file() else 'no added tokens'}) has {n} tokens, "
-                              f"but the checkpoint in {path} has {vocab_size} embedding rows")
+    if not (vocab_size == t.n_words or (t.n_words < vocab_size < t.n_words + 128 and vocab_size % 128 == 0)):
+        raise CheckpointError(f"{tok} has {t.n_words} tokens ({len(t.special_tokens)} from added_tokens.json), but the "
+                              f"checkpoint in {path} has {vocab_size} embedding rows")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -484,7 +496,7 @@ def meta_params(args: ModelArgs) -> dict:
     **params), so max_seq_len must not appear and rope_theta only where it is not the default."""
     params = dict(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, multiple_of=args.multiple_of,
                   norm_eps=args.norm_eps, vocab_size=args.vocab_size)
-    if args.n_kv_heads is not None and args.n_kv_heads != args.n_heads:
+    if args.n_kv_heads != args.n_heads:  # Meta's 7B and 13B params.json have no n_kv_heads
         params["n_kv_heads"] = args.n_kv_heads
     if args.ffn_dim_multiplier is not None:
         params["ffn_dim_multiplier"] = args.ffn_dim_multiplier
@@ -497,7 +509,7 @@ def hf_config(args: ModelArgs, intermediate_size: int, dtype: torch.dtype) -> di
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": args.dim, "intermediate_size": intermediate_size,
-        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads or args.n_heads,
+        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
         "num_hidden_layers": args.n_layers, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
         "rope_scaling": None, "vocab_size": args.vocab_size, "max_position_embeddings": args.max_seq_len,
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
@@ -588,10 +600,8 @@ def _save_hf_weights(tensors: dict, args: ModelArgs, dtype: torch.dtype, folder:
         shard = {}
         for name in names:
             t = _materialize(name, *tensors[name], dtype)
-            if name.endswith("attention.wq.weight"):
-                t = permute_for_hf(t, args.n_heads)
-            elif name.endswith("attention.wk.weight"):
-                t = permute_for_hf(t, args.n_kv_heads or args.n_heads)
+            if heads := rotary_heads(args, name):
+                t = permute_for_hf(t, heads)
             shard[meta_to_hf_key(name)] = t.contiguous()
         save_file(shard, str(folder / fname), metadata={"format": "pt"})
         weight_map.update({k: fname for k in shard})

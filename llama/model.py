@@ -20,7 +20,7 @@ Meta state dict loads with no renaming:
   multiple_of (7B: 11008, 13B: 13824, 70B: 28672).
 - Memory: RMSNorm and the SwiGLU product are small autograd Functions that keep only their inputs for
   backward (plain autograd would also keep an fp32 copy of x, the normalised output and silu(a)); same
-  forward arithmetic. A 7B QLoRA step at 256 tokens on CPU peaked at 7.65 GiB before, 6.84 GiB after.
+  forward arithmetic.
 
 Three ways to run attention, one `forward`:
 - plain: causal self-attention over each row (SDPA, `is_causal=True`: flash kernels on CUDA).
@@ -29,8 +29,8 @@ Three ways to run attention, one `forward`:
   would see alone. The mask is causal AND same-doc (block-diagonal). On CUDA it is a flex_attention
   BlockMask (compiled flex_attention skips the blocks that are fully masked, so short documents cost what
   they would cost alone, and it never materialises a T x T mask); elsewhere, or without flex_attention,
-  each document is its own causal SDPA call (the row is split at document boundaries): the same saving,
-  sum of L_i^2 instead of T^2, at the price of one kernel call per document, cheap on CPU.
+  each document is its own causal SDPA call (`attend_spans`, the row split at document boundaries): the
+  same saving, sum of L_i^2 instead of T^2, at the price of one kernel call per document, cheap on CPU.
 - cached (`start_pos`): generation with a KV cache (`setup_cache`), Meta's scheme: one start position for
   the batch, prompts right-padded, prefill (T > 1) then one token at a time (T == 1).
 """
@@ -58,13 +58,17 @@ class ModelArgs:
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
-    n_kv_heads: int | None = None  # None: = n_heads (7B, 13B); 70B uses 8
+    n_kv_heads: int | None = None  # None (absent in 7B/13B params.json): = n_heads, set on construction; 70B: 8
     vocab_size: int = -1  # -1 in Meta's params.json: take it from the weights
     multiple_of: int = 256
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
 
 
 class _RMSNormFn(torch.autograd.Function):
@@ -108,8 +112,8 @@ class RMSNorm(nn.Module):
 class _SwiGLUFn(torch.autograd.Function):
     """silu(a) * b, keeping only a and b for backward (autograd would also keep silu(a): one [tokens, hidden]
     tensor per block). The backward recomputes silu(a) for dL/db and takes dL/da from aten's fused
-    silu_backward (g * s * (1 + a * (1 - s)), s = sigmoid(a), in one pass): written out in tensor ops it
-    is ten [tokens, hidden] temporaries, ~10% of a small model's LoRA step on CPU."""
+    silu_backward (g * s * (1 + a * (1 - s)), s = sigmoid(a), in one pass), where written out in tensor ops it
+    would be ten [tokens, hidden] temporaries."""
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
@@ -158,7 +162,7 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads = args.n_heads
-        self.n_kv_heads = args.n_kv_heads or args.n_heads
+        self.n_kv_heads = args.n_kv_heads
         assert args.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"
         self.head_dim = args.dim // args.n_heads
         self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
@@ -169,7 +173,8 @@ class Attention(nn.Module):
         self.cache_v: Tensor | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask, start_pos: int | None) -> Tensor:
-        """mask: None (causal), a bool [B or 1, 1, T, S] tensor (True = attend) or a flex BlockMask."""
+        """mask: None (causal), a bool [B or 1, 1, T, S] tensor (True = attend), or for packed rows (see
+        `packed_mask`) a list of document spans per row or a flex BlockMask."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -188,24 +193,36 @@ class Attention(nn.Module):
             self.cache_v[:B, :, start_pos:end] = v
             k, v = self.cache_k[:B, :, :end], self.cache_v[:B, :, :end]  # (B, H_kv, S, D)
 
-        if BlockMask is not None and isinstance(mask, BlockMask):
+        rep = self.n_heads // self.n_kv_heads  # query heads per K/V head (GQA)
+        if mask is None or isinstance(mask, Tensor):  # causal, or causal from a cached prefix (a bool mask)
+            k, v = repeat_kv(k, rep), repeat_kv(v, rep)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        elif isinstance(mask, list):  # packed rows as document spans: one SDPA call per document
+            out = attend_spans(q, repeat_kv(k, rep), repeat_kv(v, rep), mask)
+        else:  # packed rows as a flex_attention BlockMask (CUDA); flex does GQA itself
             out = _flex(q, k, v, mask)
-        else:
-            # Repeat K/V heads for GQA (Meta's repeat_kv): SDPA's enable_gqa is not taken by every kernel.
-            rep = self.n_heads // self.n_kv_heads
-            if rep > 1:
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            if isinstance(mask, list):  # packed rows: causal attention inside each document's span
-                # split, not q[b:b+1, :, s:e]: split's backward is one cat per tensor, where each slice's
-                # backward fills a zero tensor of q's full size and adds it in (~8% of a LoRA step). Rows are
-                # split to [1, H, T, D], not unbound: CPU's flash kernel takes 4-d inputs (3-d goes to math SDPA)
-                sdpa = F.scaled_dot_product_attention
-                out = torch.cat([torch.cat([sdpa(qd, kd, vd, is_causal=True) for qd, kd, vd in
-                                            zip(*(t.split([e - s for s, e in spans], dim=2) for t in qkv))], dim=2)
-                                 for qkv, spans in zip(zip(q.split(1), k.split(1), v.split(1)), mask)])  # (B, H, T, D)
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
+
+
+def repeat_kv(x: Tensor, rep: int) -> Tensor:
+    """[B, H_kv, S, D] -> [B, H_kv * rep, S, D], each K/V head repeated for the query heads it serves (Meta's
+    repeat_kv; SDPA's enable_gqa is not taken by every kernel)."""
+    return x.repeat_interleave(rep, dim=1) if rep > 1 else x
+
+
+def attend_spans(q: Tensor, k: Tensor, v: Tensor, spans: list[list[tuple[int, int]]]) -> Tensor:
+    """Causal attention inside each document of packed rows, one SDPA call per document: q, k, v [B, H, T, D],
+    spans[b] the [(start, end), ...] of row b's documents, covering it (`packed_mask`).
+
+    Rows and documents are cut with `split`, whose backward is one cat per tensor, not by slicing, whose
+    backward fills a zero tensor of q's full size per slice and adds it in. Rows stay 4-d [1, H, T, D]
+    (split, not unbind): CPU's flash kernel takes 4-d inputs, 3-d goes to the math kernel."""
+    rows = []
+    for row, row_spans in zip(zip(q.split(1), k.split(1), v.split(1)), spans):
+        docs = zip(*(t.split([e - s for s, e in row_spans], dim=2) for t in row))
+        rows.append(torch.cat([F.scaled_dot_product_attention(qd, kd, vd, is_causal=True) for qd, kd, vd in docs],
+                              dim=2))
+    return torch.cat(rows)  # (B, H, T, D)
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:

@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llama.checkpoint import hf_to_meta_key, meta_to_hf_key, permute_for_hf, unpermute_from_hf
+from llama.checkpoint import hf_to_meta_key, meta_to_hf_key, permute_for_hf, rotary_heads, unpermute_from_hf
 
 PREFIX = "base_model.model."  # PEFT's prefix before the transformers module name
 
@@ -50,32 +50,34 @@ def _drop_codes(p: float) -> int:
 
 
 def _drop_plan(n: int, p: float, seed: int, device: torch.device, dtype: torch.dtype, gaps: bool | None = None):
-    """Which of n elements dropout zeroes: their positions (int64, ascending; CPU) or a 0/1 keep mask in
-    `dtype` (CUDA). Each element drops independently with probability q = _drop_codes(p) / 2^16, and the
-    same seed gives the same plan, so the backward draws it again instead of storing it.
-
-    CPU (gaps=True): torch's CPU generator is serial, and drawing 16 bits for every element, comparing and
-    multiplying was ~15% of a LoRA step. Instead draw only the dropped positions: the gaps between drops in
-    independent Bernoulli(q) trials are Geometric(q), floor(log(U) / log(1 - q)) for U uniform on (0, 1],
-    and their running sum is the positions. That is ~q*n draws, and zeroing touches ~q*n elements.
-    CUDA (gaps=False): the generator is parallel and the loop below would sync with the host on every call:
-    compare 16 random bits per element with a threshold (one int64 draw feeds four elements)."""
+    """Which of n elements dropout zeroes: a 0/1 keep mask in `dtype`, or on CPU (gaps=True) the dropped
+    positions (int64, ascending; `_drop_positions`). Each element drops independently with probability
+    q = _drop_codes(p) / 2^16, and the same seed gives the same plan, so the backward draws it again instead
+    of storing it."""
     gaps = device.type == "cpu" if gaps is None else gaps
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    if not gaps:
+    if not gaps:  # compare 16 random bits per element with a threshold (one int64 draw feeds four elements)
         # random_(-2**63, None): all 64 bits of each draw; randint(-2**63, 2**63 - 1) reduces modulo 2^64 - 1
         bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None, generator=gen)
-        keep = torch.empty(n, dtype=dtype, device=device)  # written in dtype: applied by a multiply (4x where())
+        keep = torch.empty(n, dtype=dtype, device=device)  # in dtype: applied by a multiply, cheaper than where()
         return torch.ge(bits.view(torch.int16)[:n], -2**15 + _drop_codes(p), out=keep)
-    q = _drop_codes(p) / 2**16
+    return _drop_positions(n, _drop_codes(p) / 2**16, gen)
+
+
+def _drop_positions(n: int, q: float, gen: torch.Generator) -> torch.Tensor:
+    """The CPU trick: draw only the ~q*n dropped positions, not n random numbers (torch's CPU generator is serial).
+
+    The gaps between drops in independent Bernoulli(q) trials are Geometric(q), floor(log(U) / log(1 - q))
+    for U uniform on (0, 1], and their running sum is the positions; zeroing then touches ~q*n elements.
+    Not for CUDA: its generator is parallel, and this loop would sync with the host on every call."""
     if q == 0:
-        return torch.empty(0, dtype=torch.int64, device=device)
+        return torch.empty(0, dtype=torch.int64, device=gen.device)
     mean = n * q
     k = int(mean + 6 * math.sqrt(mean) + 64)  # gaps enough to pass n all but ~1e-9 of the time; else more
     parts, last = [], -1
     while last < n - 1:
-        u = torch.rand(k, generator=gen, device=device, dtype=torch.float64)  # [0, 1): 1 - u is in (0, 1]
+        u = torch.rand(k, generator=gen, device=gen.device, dtype=torch.float64)  # [0, 1): 1 - u is in (0, 1]
         pos = torch.log1p(-u).div_(math.log1p(-q)).floor_().to(torch.int64).add_(1).cumsum_(0).add_(last)
         parts.append(pos)
         last = int(pos[-1])
@@ -86,10 +88,10 @@ def _drop_plan(n: int, p: float, seed: int, device: torch.device, dtype: torch.d
 def _drop_(t: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
     """Zero t's dropped elements in place (t contiguous, plan = _drop_plan(t.numel(), ...))."""
     flat = t.view(-1)
-    if plan.dtype == torch.int64:
-        flat.index_fill_(0, plan, 0)
-    else:
+    if plan.is_floating_point():  # a 0/1 keep mask
         flat.mul_(plan)
+    else:  # dropped positions (CPU)
+        flat.index_fill_(0, plan, 0)
     return t
 
 
@@ -285,15 +287,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
 # PEFT format: save and load.
 
 
-def _qk_heads(model: nn.Module, name: str) -> int | None:
-    """Heads whose rows HF permutes for this projection: n_heads for wq, n_kv_heads for wk, else None."""
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf not in ("wq", "wk"):
-        return None
-    args = model.args
-    return args.n_heads if leaf == "wq" else (args.n_kv_heads or args.n_heads)
-
-
 def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> None:
     """Write adapter_model.safetensors + adapter_config.json that PEFT loads onto the HF-layout model."""
     cfg = getattr(model, "lora_config", None)
@@ -305,7 +298,7 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
             if m.merged:
                 raise ValueError(f"save_adapter: {name} is merged; unmerge() it first")
             B = m.lora_B.detach()
-            if (heads := _qk_heads(model, name)) is not None:
+            if heads := rotary_heads(model.args, name):
                 B = permute_for_hf(B, heads)  # rows follow HF's rotary layout; A acts on inputs, unchanged
             hf = meta_to_hf_key(name)
             targets.add(hf.rsplit(".", 1)[-1])
@@ -399,7 +392,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
                 raise ValueError(f"{w_file}: {which} of {name} is missing")
             if tuple(t.shape) != want:
                 raise ValueError(f"{w_file}: {which} of {name} has shape {tuple(t.shape)}, the model needs {want}")
-            if which == "lora_B" and (heads := _qk_heads(model, name)) is not None:
+            if which == "lora_B" and (heads := rotary_heads(model.args, name)):
                 t = unpermute_from_hf(t, heads)  # HF rotary row order -> Meta's
             getattr(m, which).copy_(t)
     for name, t in full.items():

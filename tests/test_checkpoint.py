@@ -397,6 +397,10 @@ def test_tokenizer_must_fit_the_embedding(tmp_path, hf):
     small = {k: (v[:128] if k in ("tok_embeddings.weight", "output.weight") else v) for k, v in sd.items()}
     folder = write_meta(tmp_path / "parent" / "llama-128", small)
     assert load_model(folder, dtype=torch.float32).args.vocab_size == 128
-    (tok.parent / "added_tokens.json").write_text(json.dumps({"<|im_start|>": 200}))  # id 200 needs 201 rows
-    with pytest.raises(CheckpointError, match="has 201 tokens"):
+    (tok.parent / "added_tokens.json").write_text(json.dumps({f"<|extra_{i}|>": 100 + i for i in range(29)}))
+    with pytest.raises(CheckpointError, match=r"has 129 tokens \(29 from added_tokens.json\)"):  # 129 > 128 rows
+        load_model(folder)
+    # ids must follow the SentencePiece vocabulary (the Tokenizer's rule): id 200 after 100 pieces is malformed
+    (tok.parent / "added_tokens.json").write_text(json.dumps({"<|im_start|>": 200}))
+    with pytest.raises(CheckpointError, match=r"added_tokens.json: the ids of the added tokens must be 100"):
         load_model(folder)
