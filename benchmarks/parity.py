@@ -172,21 +172,20 @@ def build_ours(spec: dict, device: torch.device, dtype: torch.dtype):
 def ours_grads(model) -> dict[str, torch.Tensor]:
     """Gradients under HF names, q/k rows in HF's rotary order, as the baseline's."""
     import lora
-    from llama.checkpoint import meta_to_hf_key, permute_for_hf
+    from llama.checkpoint import meta_to_hf_key, permute_for_hf, rotary_heads
 
     args, out = model.args, {}
-    heads = {"wq": args.n_heads, "wk": args.n_kv_heads or args.n_heads}
     for name, m in model.named_modules():
         if isinstance(m, lora.LoRALinear):
-            leaf, hf = name.rsplit(".", 1)[-1], meta_to_hf_key(name)
+            hf, heads = meta_to_hf_key(name), rotary_heads(args, name)
             gB = m.lora_B.grad
             out[hf + ".lora_A"] = m.lora_A.grad
-            out[hf + ".lora_B"] = permute_for_hf(gB, heads[leaf]) if leaf in heads else gB
+            out[hf + ".lora_B"] = permute_for_hf(gB, heads) if heads else gB
     if not out:  # full fine-tuning: a subset, enough to check the whole chain
         for name, p in model.named_parameters():
             if _full_subset(name, args.n_layers):
-                leaf = name.rsplit(".", 2)[-2]
-                out[meta_to_hf_key(name)] = permute_for_hf(p.grad, heads[leaf]) if leaf in heads else p.grad
+                heads = rotary_heads(args, name)
+                out[meta_to_hf_key(name)] = permute_for_hf(p.grad, heads) if heads else p.grad
     return out
 
 
