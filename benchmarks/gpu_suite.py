@@ -238,6 +238,8 @@ def version(pkg: str) -> str | None:
 
 def environment(device: str) -> dict:
     import torch
+    sys.path.insert(0, str(BENCH))
+    from bench_train import git_commit
     env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "python": platform.python_version(), "torch": torch.__version__, "cuda_runtime": torch.version.cuda,
            **{pkg: version(pkg) for pkg in ("triton", "bitsandbytes", "transformers", "peft")},
@@ -268,17 +270,6 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or "cpu"
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def f(v, spec: str = ".3f") -> str:
