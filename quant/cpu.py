@@ -52,19 +52,15 @@ def dense(w, dtype: torch.dtype) -> torch.Tensor:
 _scratch = threading.local()
 
 
-def _cpu_scratch(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+def _dense_scratch(w, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight in this thread's reused buffer: valid until the next call, so only for one product."""
     bufs = _scratch.__dict__.setdefault("bufs", {})
-    n = shape.numel()
+    n = w.shape.numel()
     if dtype not in bufs or bufs[dtype].numel() < n:
         bufs.pop(dtype, None)  # free the smaller one first
         with torch.inference_mode(False):  # made under inference_mode it could never be written outside it
             bufs[dtype] = torch.empty(n, dtype=dtype)
-    return bufs[dtype][:n].view(shape)
-
-
-def _dense_scratch(w, dtype: torch.dtype) -> torch.Tensor:
-    """The dense weight in this thread's reused buffer: valid until the next call, so only for one product."""
-    out = _cpu_scratch(w.shape, dtype)
+    out = bufs[dtype][:n].view(w.shape)
     scales = w.scales()
     for r0, r1 in _row_slices(w):  # cache-sized slices: their temporaries are reused by malloc too
         out[r0:r1] = _rows(w, scales, r0, r1, dtype)

@@ -111,9 +111,9 @@ class _Weight:
     """A frozen NF4 weight's tensors (no autograd state): packed [(N*K+1)/2] uint8, absmax per 64-block
     (uint8 with absmax2/code2/offset when double-quantized, else fp32), shape [N, K]."""
 
-    def __init__(self, packed, absmax, absmax2, code2, offset, shape, blocksize, blocksize2, dtype):
+    def __init__(self, packed, absmax, absmax2, code2, offset, shape, blocksize, blocksize2):
         self.packed, self.absmax, self.absmax2, self.code2, self.offset = packed, absmax, absmax2, code2, offset
-        self.shape, self.blocksize, self.blocksize2, self.dtype = torch.Size(shape), blocksize, blocksize2, dtype
+        self.shape, self.blocksize, self.blocksize2 = torch.Size(shape), blocksize, blocksize2
 
     def scales(self) -> torch.Tensor:
         """fp32 absmax of every block."""
@@ -129,6 +129,7 @@ class _Weight:
         return _dequantize(packed, scales, torch.Size((r1 - r0, K)), dtype, self.blocksize)
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """The whole weight [N, K] in `dtype`, in a new tensor."""
         if self.packed.device.type == "cpu":
             return cpu.dense(self, dtype)  # CPU fast path (quant/cpu.py): the same values
         return self.rows(self.scales(), 0, self.shape[0], dtype)
@@ -178,7 +179,7 @@ def _nf4_levels(device: torch.device) -> torch.Tensor:
 def _weight_from_state(packed: torch.Tensor, s) -> _Weight:
     nested = s.nested
     return _Weight(packed, s.absmax, s.state2.absmax if nested else None, s.state2.code if nested else None,
-                   s.offset if nested else None, s.shape, s.blocksize, s.state2.blocksize if nested else 256, s.dtype)
+                   s.offset if nested else None, s.shape, s.blocksize, s.state2.blocksize if nested else 256)
 
 
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, quant_state, backend: str = "auto") -> torch.Tensor:
@@ -252,7 +253,7 @@ class NF4Linear(nn.Module):
 
     def _weight(self) -> _Weight:
         return _Weight(self.packed, self.absmax, self.absmax2, self.code2, self.offset,
-                       (self.out_features, self.in_features), self.blocksize, self.blocksize2, self.compute_dtype)
+                       (self.out_features, self.in_features), self.blocksize, self.blocksize2)
 
     @property
     def quant_state(self):
