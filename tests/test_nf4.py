@@ -1,5 +1,6 @@
-"""quant/nf4.py against bitsandbytes itself: dequantization bit for bit, matmul and its gradient,
-NF4Linear vs bitsandbytes.nn.Linear4bit, module swapping, the streaming hook, state dicts, memory."""
+"""quant/nf4.py and its CPU fast path (quant/cpu.py) against bitsandbytes itself: dequantization bit for bit,
+matmul and its gradient, NF4Linear vs bitsandbytes.nn.Linear4bit, module swapping, the streaming hook, state
+dicts, memory."""
 import copy
 from collections import OrderedDict
 
