@@ -43,7 +43,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import quant  # noqa: E402
-from quant.nf4 import _weight_from_state  # noqa: E402  (NF4Linear.dequantize's path, from a QuantState)
 
 # (name, N, K) = (projection, out_features, in_features)
 SHAPES = {
@@ -123,9 +122,9 @@ def bench_shape(name: str, N: int, K: int, ms: list[int], device: str, reps: int
     assert torch.equal(deq, bnbF.dequantize_4bit(packed, s)), "dequantize_nf4 differs from bitsandbytes"
     rows = []
 
-    layer = _weight_from_state(packed, s)
-    assert torch.equal(layer.dense(torch.bfloat16), deq)
-    t = time_all({"ours": lambda: quant.dequantize_nf4(packed, s), "ours_lyr": lambda: layer.dense(torch.bfloat16),
+    layer = quant.NF4Linear.from_weight(W)  # bitsandbytes' quantization again: the same packed data
+    assert torch.equal(layer.dequantize(), deq)
+    t = time_all({"ours": lambda: quant.dequantize_nf4(packed, s), "ours_lyr": layer.dequantize,
                   "bnb": lambda: bnbF.dequantize_4bit(packed, s)}, device, reps, warmup)
     rows.append({"proj": name, "N": N, "K": K, "op": "dequantize", "M": None, "ours_ms": t["ours"],
                  "ours_lyr_ms": t["ours_lyr"], "bnb_ms": t["bnb"], "bnb_over_ours": t["bnb"] / t["ours"],

@@ -17,32 +17,18 @@ projections take ~3.5 GB instead of 13 GB in bf16.
 
 We quantize with bitsandbytes itself (so weights interoperate with the HF stack) and do the compute here:
 `dequantize_nf4` is bit-exact with `bitsandbytes.functional.dequantize_4bit`, and `nf4_matmul` computes
-x @ W.T either in PyTorch (on CPU slice by slice through W for decode-sized x, so the dense weight never goes
-through memory; otherwise the whole weight, then one matmul) or with the fused Triton kernels in
-`triton_nf4.py` (CUDA), which never write the dense weight to memory.
+x @ W.T either in PyTorch (the whole weight dequantized, then one matmul; on CPU the same numbers through the
+cache-friendly path in `cpu.py`) or with the fused Triton kernels in `triton_nf4.py` (CUDA), which never
+write the dense weight to memory.
 """
 from __future__ import annotations
 
-import logging
-import threading
+import functools
 
 import torch
 import torch.nn as nn
 
-# On CPUs with AVX512-BF16, importing bitsandbytes tries to fetch an optional fused inference kernel
-# (gemm_4bit_forward, through the `kernels` package) and logs a warning on its CPU backend's logger when it
-# cannot. Nothing here calls that kernel, and the line reads like a failure of ours, so that one message is
-# dropped; every other record of that logger (and of bitsandbytes) passes. Installed before quant/ first
-# imports bitsandbytes: the filter sits on the logger, which exists before bitsandbytes asks for it.
-BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
-BNB_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
-
-
-def _drop_bnb_kernel_warning(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith(BNB_KERNEL_WARNING)
-
-
-logging.getLogger(BNB_CPU_LOGGER).addFilter(_drop_bnb_kernel_warning)
+from . import cpu
 
 # The 16 NF4 levels: quantiles of N(0, 1) normalised to [-1, 1], with an exact zero (QLoRA appendix E).
 NF4 = torch.tensor([
@@ -58,8 +44,8 @@ _PAIRS = torch.stack([NF4[torch.arange(256) >> 4], NF4[torch.arange(256) & 15]],
 _PAIRS64 = _PAIRS.view(torch.int64).view(-1)                                          # (256,)
 
 # Blocks per slice when dequantizing on CPU: 8192 blocks = 512K values, 2 MB of fp32, so the lookup's and
-# the multiply's intermediates stay in cache and only the result goes to memory (2-4x faster than one pass
-# over the whole weight per op). GPUs take the whole weight in one launch per op.
+# the multiply's intermediates stay in cache and only the result goes to memory. GPUs take the whole weight
+# in one launch per op.
 _CPU_SLICE_BLOCKS = 8192
 
 
@@ -121,27 +107,13 @@ def dequantize_nf4(packed: torch.Tensor, quant_state) -> torch.Tensor:
 # backward (the weight is dequantized again there, which costs far less memory than keeping it).
 
 
-class _NF4Matmul(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight_fn, backend):
-        ctx.weight_fn, ctx.backend = weight_fn, backend
-        return weight_fn.matmul(x, backend)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        return ctx.weight_fn.matmul_t(grad_y, ctx.backend), None, None
-
-
-_SLICED_MAX_M = 16      # CPU: up to this many rows of x, the products go slice by slice through W (see matmul)
-_SLICE_VALUES = 1 << 20  # weights per slice: 4 MB in fp32, so a dequantized slice stays in cache
-
-
 class _Weight:
-    """A frozen NF4 weight's tensors (no autograd state), with the two products autograd needs."""
+    """A frozen NF4 weight's tensors (no autograd state): packed [(N*K+1)/2] uint8, absmax per 64-block
+    (uint8 with absmax2/code2/offset when double-quantized, else fp32), shape [N, K]."""
 
-    def __init__(self, packed, absmax, absmax2, code2, offset, shape, blocksize, blocksize2, dtype):
+    def __init__(self, packed, absmax, absmax2, code2, offset, shape, blocksize, blocksize2):
         self.packed, self.absmax, self.absmax2, self.code2, self.offset = packed, absmax, absmax2, code2, offset
-        self.shape, self.blocksize, self.blocksize2, self.dtype = torch.Size(shape), blocksize, blocksize2, dtype
+        self.shape, self.blocksize, self.blocksize2 = torch.Size(shape), blocksize, blocksize2
 
     def scales(self) -> torch.Tensor:
         """fp32 absmax of every block."""
@@ -154,98 +126,38 @@ class _Weight:
         assert i0 % self.blocksize == 0, (r0, K)
         packed = self.packed.reshape(-1)[i0 // 2: (i1 + 1) // 2]
         scales = scales[i0 // self.blocksize: -(-i1 // self.blocksize)]
-        shape = torch.Size((r1 - r0, K))
-        if packed.device.type == "cpu" and K % self.blocksize == 0:
-            # Same numbers, faster: on CPU bitsandbytes' C++ kernel (one vectorized pass) beats our three
-            # PyTorch ops per slice by ~1.35x. Its output is bit-identical to _dequantize (tests/test_nf4.py);
-            # it is only wrong when rows split blocks (K % 64 != 0), hence the guard.
-            return torch.ops.bitsandbytes.dequantize_4bit.default(packed, scales, self.blocksize, "nf4", shape, dtype)
-        return _dequantize(packed, scales, shape, dtype, self.blocksize)
+        return _dequantize(packed, scales, torch.Size((r1 - r0, K)), dtype, self.blocksize)
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """The whole weight [N, K] in `dtype`, in a new tensor."""
+        if self.packed.device.type == "cpu":
+            return cpu.dense(self, dtype)  # CPU fast path (quant/cpu.py): the same values
         return self.rows(self.scales(), 0, self.shape[0], dtype)
 
-    def dense_scratch(self, dtype: torch.dtype) -> torch.Tensor:
-        """The dense weight for one product, on CPU in this thread's reused buffer (see _cpu_scratch): valid
-        until the next call, so only the two products below may use it."""
-        if self.packed.device.type != "cpu":
-            return self.dense(dtype)  # CUDA's caching allocator already reuses the memory
-        out = _cpu_scratch(self.shape, dtype)
-        scales = self.scales()
-        for r0, r1 in self.row_slices():  # cache-sized slices: their temporaries are reused by malloc too
-            out[r0:r1] = self.rows(scales, r0, r1, dtype)
-        return out
 
-    def row_slices(self) -> list[tuple[int, int]]:
-        """Row ranges of about _SLICE_VALUES weights, each starting a block."""
-        N, K = self.shape
-        bs = self.blocksize
-        rows = max(bs, _SLICE_VALUES // K // bs * bs)             # a multiple of the blocksize: r0 * K % bs == 0
-        return [(r0, min(N, r0 + rows)) for r0 in range(0, N, rows)]
-
-    def _use_triton(self, x: torch.Tensor, backend: str) -> bool:
-        if backend == "torch":
-            return False
-        if backend == "triton":
-            return True
-        if backend != "auto":
-            raise ValueError(f"nf4_matmul: backend {backend!r}, expected 'auto', 'torch' or 'triton'")
-        return x.is_cuda and _triton_available(x.device)
-
-    # On CPU, for decode-sized M (<= 16 rows), the products walk W slice by slice: each slice is dequantized
-    # into cache and used at once, so the dense weight never goes through memory. That traffic is the whole
-    # cost of a GEMV: bitsandbytes' dequantize + matmul writes and reads 32 MB of bf16 for a 4096x4096
-    # weight, 3.5-6x slower at M = 1 (benchmarks/bench_nf4.py). For training-sized M the GEMM dwarfs the
-    # dequantization: the whole weight, then one matmul. On GPUs without Triton (backend="torch"): the
-    # whole weight, one launch per op.
-
-    def matmul(self, x: torch.Tensor, backend: str) -> torch.Tensor:  # x [..., K] @ W.T -> [..., N]
-        if self._use_triton(x, backend):
-            from . import triton_nf4
-            return triton_nf4.nf4_gemm(x, self, transpose=False)
-        N, K = self.shape
-        a = x.reshape(-1, K)                                      # (M, K)
-        if x.device.type != "cpu" or a.shape[0] > _SLICED_MAX_M:
-            return x @ self.dense_scratch(x.dtype).t()
-        scales = self.scales()
-        y_t = torch.empty(N, a.shape[0], dtype=x.dtype)           # y.T: each slice's outputs are contiguous rows
-        for r0, r1 in self.row_slices():                          # y[:, r0:r1] = x @ W[r0:r1].T
-            torch.mm(self.rows(scales, r0, r1, x.dtype), a.t(), out=y_t[r0:r1])
-        return y_t.t().contiguous().view(*x.shape[:-1], N)
-
-    def matmul_t(self, g: torch.Tensor, backend: str) -> torch.Tensor:  # g [..., N] @ W -> [..., K]
-        if self._use_triton(g, backend):
-            from . import triton_nf4
-            return triton_nf4.nf4_gemm(g, self, transpose=True)
-        N, K = self.shape
-        b = g.reshape(-1, N)                                      # (M, N)
-        if g.device.type != "cpu" or b.shape[0] > _SLICED_MAX_M:
-            return g @ self.dense_scratch(g.dtype)
-        # slices of W split the sum over N: the partial products add up in fp32 (W rounded to g's dtype
-        # first, as in g @ W_dense)
-        scales = self.scales()
-        acc = torch.zeros(b.shape[0], K, dtype=torch.float32)
-        for r0, r1 in self.row_slices():
-            acc.addmm_(b[:, r0:r1].float(), self.rows(scales, r0, r1, g.dtype).float())
-        return acc.to(g.dtype).view(*g.shape[:-1], K)
+def _matmul(w: _Weight, x: torch.Tensor, transpose: bool, backend: str) -> torch.Tensor:
+    """x [..., K] @ W.T -> [..., N], or x [..., N] @ W -> [..., K] with transpose (the input gradient)."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"nf4_matmul: backend {backend!r}, expected 'auto', 'torch' or 'triton'")
+    if backend == "triton" or (backend == "auto" and x.is_cuda and _triton_available(x.device)):
+        from . import triton_nf4
+        stats = (w.absmax2, w.code2, w.offset) if w.absmax2 is not None else ()
+        return triton_nf4.nf4_gemm(x, w.packed, w.absmax, _nf4_levels(x.device), w.shape, *stats, transpose=transpose)
+    if x.device.type == "cpu":
+        return cpu.matmul(w, x, transpose)  # CPU fast path (quant/cpu.py): the same products, cache-sized
+    W = w.dense(x.dtype)
+    return x @ W if transpose else x @ W.t()
 
 
-# CPU, training-sized products: each dense weight goes into one buffer per thread and dtype, grown to the largest
-# weight seen (Llama-2-7B bf16: 90 MB), instead of a fresh tensor per call. A fresh 32-90 MB tensor is fresh
-# pages: the kernel's page faults and zeroing cost more than the dequantization itself (4096x4096 bf16: 10.6 ms
-# for bitsandbytes' dequantize into a new tensor, 5.6 ms sliced into the buffer). Nothing dense outlives a
-# product, so this is the whole of the dense memory, as one transient weight would be.
-_scratch = threading.local()
+class _NF4Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, backend):
+        ctx.weight, ctx.backend = weight, backend
+        return _matmul(weight, x, False, backend)
 
-
-def _cpu_scratch(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    bufs = _scratch.__dict__.setdefault("bufs", {})
-    n = shape.numel()
-    if dtype not in bufs or bufs[dtype].numel() < n:
-        bufs.pop(dtype, None)  # free the smaller one first
-        with torch.inference_mode(False):  # made under inference_mode it could never be written outside it
-            bufs[dtype] = torch.empty(n, dtype=dtype)
-    return bufs[dtype][:n].view(shape)
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _matmul(ctx.weight, grad_y, True, ctx.backend), None, None
 
 
 def _triton_available(device: torch.device) -> bool:
@@ -259,10 +171,15 @@ def _triton_available(device: torch.device) -> bool:
     return True
 
 
+@functools.cache
+def _nf4_levels(device: torch.device) -> torch.Tensor:
+    return NF4.to(device)
+
+
 def _weight_from_state(packed: torch.Tensor, s) -> _Weight:
     nested = s.nested
     return _Weight(packed, s.absmax, s.state2.absmax if nested else None, s.state2.code if nested else None,
-                   s.offset if nested else None, s.shape, s.blocksize, s.state2.blocksize if nested else 256, s.dtype)
+                   s.offset if nested else None, s.shape, s.blocksize, s.state2.blocksize if nested else 256)
 
 
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, quant_state, backend: str = "auto") -> torch.Tensor:
@@ -336,7 +253,7 @@ class NF4Linear(nn.Module):
 
     def _weight(self) -> _Weight:
         return _Weight(self.packed, self.absmax, self.absmax2, self.code2, self.offset,
-                       (self.out_features, self.in_features), self.blocksize, self.blocksize2, self.compute_dtype)
+                       (self.out_features, self.in_features), self.blocksize, self.blocksize2)
 
     @property
     def quant_state(self):

@@ -49,8 +49,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .nf4 import NF4, _Weight
-
 # Triton reads TRITON_INTERPRET when a kernel is decorated (import time), so we read it once here too.
 # The interpreter keeps bf16 as raw 16-bit integers: tl.dot multiplies those as integers, and fp32 -> bf16
 # casts truncate. So there both operands of every dot are upcast to fp32 (products of bf16/fp16 values are
@@ -255,19 +253,20 @@ def _cfg(m, c, r, warps, stages, group=8):
                          num_warps=warps, num_stages=stages)
 
 
-# Shared memory below is what Triton 3.9 allocates for the bf16 forward on sm_90 (compiled ahead of time):
-# the pipeliner stages the x tile, the packed bytes, the absmax and the gathered NF4 values.
+# The software pipeliner stages the x tile, the packed bytes, the absmax and the gathered NF4 values in
+# shared memory, once per stage; a config that does not fit a GPU's shared memory fails to compile there and
+# autotuning skips it.
 GEMM_CONFIGS = [
     # The workhorse (cuBLAS-sized tile). Each 128x64 weight tile dequantized in registers feeds 128 rows of
     # MMA, so dequantizing (~6 integer/float ops and one cached table load per weight) costs ~1/40 of the
-    # tile's MMA FLOPs; 3 stages take ~87 KB of shared memory, under A100's 163 KB and H100's 227 KB.
+    # tile's MMA FLOPs; 3 stages fit A100's shared memory.
     _cfg(128, 128, 64, 8, 3),
     # Training (M >= 4096): 256 rows per weight tile halve the dequantization per FLOP again, which is
     # what keeps the fused kernel near cuBLAS there; the 256x128 fp32 accumulator is 128 registers a thread
-    # at 8 warps, the most that still leaves room for the dequantization (~169 KB: H100 only).
+    # at 8 warps, the most that still leaves room for the dequantization (fits H100's shared memory only).
     _cfg(256, 128, 64, 8, 3),
     # Wide outputs (gate/up: N = 11008, 13824, 28672; and the backward's C = K of down): a 256-wide output
-    # tile reads each activation tile once for twice the columns (~174 KB: H100 only).
+    # tile reads each activation tile once for twice the columns (H100 only, as above).
     _cfg(128, 256, 64, 8, 3),
     # Prefill and short batches (M = 64..1024), and the narrow 70B k/v projection (N = 1024): smaller tiles
     # give enough programs to fill 108..132 SMs; 4 stages hide the global-load latency of a shorter tile.
@@ -284,8 +283,8 @@ GEMV_CONFIGS = [
     # its slice of R in BLOCK_R steps; a row of the weight tile is BLOCK_R/2 contiguous bytes (128 bytes at
     # 256: one full cache line per row). With M == 1 there is no dot for Triton to software-pipeline, so
     # the loads in flight come from occupancy: a program holds a BLOCK_C x BLOCK_R fp32 accumulator and
-    # ~32 KB of shared memory (the final reduction), so 4-7 programs share an SM, and split-K supplies the
-    # programs when the output is narrow. The stages matter for M = 2..16, where the 16-row dot is
+    # shared memory for the final reduction, small enough for several programs per SM, and split-K supplies
+    # the programs when the output is narrow. The stages matter for M = 2..16, where the 16-row dot is
     # pipelined. BLOCK_M is set by the wrapper (1 or 16).
     triton.Config({"BLOCK_C": 32, "BLOCK_R": 256, "GROUP_M": 1}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_C": 16, "BLOCK_R": 512, "GROUP_M": 1}, num_warps=4, num_stages=3),
@@ -294,9 +293,8 @@ GEMV_CONFIGS = [
 ]
 
 # K % 64 != 0 (no Llama shape, but any weight may come in): every value's byte and absmax are gathered one by
-# one, and the software pipeliner stages those per-value gathers in shared memory too: 256-475 KB for the
-# GEMM configs above at 3-4 stages, more than any GPU has (Triton 3.9, compiled for sm_80 and sm_90). One
-# or two stages fit: 33-82 KB for the GEMM tiles below, 12-25 KB for the 16-row GEMV (bf16 .. fp32).
+# one, and the software pipeliner stages those per-value gathers in shared memory too: at the 3-4 stages of the
+# configs above that is more than any GPU has. One or two stages fit.
 GEMM_CONFIGS_ANY_K = [_cfg(64, 64, 64, 4, 2), _cfg(128, 128, 64, 8, 1), _cfg(32, 64, 64, 4, 2)]
 GEMV_CONFIGS_ANY_K = [
     triton.Config({"BLOCK_C": 32, "BLOCK_R": 128, "GROUP_M": 1}, num_warps=4, num_stages=1),
@@ -339,11 +337,6 @@ _gemv_any_k = triton.autotune(configs=GEMV_CONFIGS_ANY_K, key=_KEY + ["BLOCK_M"]
 
 
 @functools.cache
-def _nf4_table(device: torch.device) -> torch.Tensor:
-    return NF4.to(device)
-
-
-@functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: any small number
@@ -357,34 +350,39 @@ def _split_k(C: int, R: int, n_sm: int) -> int:
     return max(1, min(4 * n_sm // programs, R // 512))
 
 
-def nf4_gemm(x: torch.Tensor, w: _Weight, transpose: bool = False, *, split_k: int | None = None) -> torch.Tensor:
-    """x [..., K] @ W.T -> [..., N] (transpose=False), or g [..., N] @ W -> [..., K] (transpose=True),
-    for the NF4 weight `w` (W [N, K] = w.shape). Output in x's dtype (bf16, fp16 or fp32), fp32 accumulation.
+def nf4_gemm(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape: tuple[int, int],
+             absmax2: torch.Tensor | None = None, code2: torch.Tensor | None = None,
+             offset: torch.Tensor | float | None = None, *, transpose: bool = False,
+             split_k: int | None = None) -> torch.Tensor:
+    """x [..., K] @ W.T -> [..., N] (transpose=False), or g [..., N] @ W -> [..., K] (transpose=True), for the NF4
+    weight W [N, K] = `shape` in bitsandbytes' format: `packed` uint8 [(N*K+1)/2], `absmax` one per 64 values
+    (fp32, or uint8 with the double quantization's `absmax2` per 256 blocks, `code2` and `offset`), `code` the
+    16 NF4 levels (fp32, on x's device). Output in x's dtype (bf16, fp16 or fp32), fp32 accumulation.
     `split_k`: slices of the summed dimension for the M <= 16 launch (None: chosen from the shape)."""
-    if not isinstance(w, _Weight):
-        raise ValueError(f"triton_nf4.nf4_gemm: w is {type(w).__name__}, expected quant.nf4._Weight")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"triton_nf4.nf4_gemm: x.dtype is {x.dtype}, expected bfloat16, float16 or float32")
-    if len(w.shape) != 2:
-        raise ValueError(f"triton_nf4.nf4_gemm: weight shape {tuple(w.shape)}, expected 2-D [N, K]")
-    N, K = w.shape
+    if len(shape) != 2:
+        raise ValueError(f"triton_nf4.nf4_gemm: weight shape {tuple(shape)}, expected 2-D [N, K]")
+    N, K = shape
     R, C = (N, K) if transpose else (K, N)
     if x.ndim == 0 or x.shape[-1] != R:
         raise ValueError(f"triton_nf4.nf4_gemm: x.shape {tuple(x.shape)}, expected [..., {R}] for a weight "
                          f"[{N}, {K}] with transpose={transpose}")
-    if w.blocksize != 64 or (w.absmax2 is not None and w.blocksize2 != 256):
-        raise ValueError(f"triton_nf4.nf4_gemm: blocksizes {w.blocksize}/{w.blocksize2}, the kernels take 64/256")
     n_blocks = triton.cdiv(N * K, 64)
-    if w.packed.dtype != torch.uint8 or w.packed.numel() != (N * K + 1) // 2:
-        raise ValueError(f"triton_nf4.nf4_gemm: packed is {w.packed.dtype} with {w.packed.numel()} values, "
+    if packed.dtype != torch.uint8 or packed.numel() != (N * K + 1) // 2:
+        raise ValueError(f"triton_nf4.nf4_gemm: packed is {packed.dtype} with {packed.numel()} values, "
                          f"expected uint8 with {(N * K + 1) // 2}")
-    want = torch.uint8 if w.absmax2 is not None else torch.float32
-    if w.absmax.dtype != want or w.absmax.numel() != n_blocks:
-        raise ValueError(f"triton_nf4.nf4_gemm: absmax is {w.absmax.dtype} with {w.absmax.numel()} values, "
-                         f"expected {want} with {n_blocks}")
+    nested = absmax2 is not None
+    want = torch.uint8 if nested else torch.float32
+    if absmax.dtype != want or absmax.numel() != n_blocks:
+        raise ValueError(f"triton_nf4.nf4_gemm: absmax is {absmax.dtype} with {absmax.numel()} values, expected "
+                         f"{want} with {n_blocks} (the kernels take blocksize 64)")
+    if nested and absmax2.numel() != triton.cdiv(n_blocks, 256):
+        raise ValueError(f"triton_nf4.nf4_gemm: absmax2 has {absmax2.numel()} values, expected "
+                         f"{triton.cdiv(n_blocks, 256)} (the kernels take blocksize 256 for the absmax)")
     if N * K >= 2**31:
         raise ValueError(f"triton_nf4.nf4_gemm: weight [{N}, {K}] has 2**31 values or more (int32 indexing)")
-    tensors = [w.packed, w.absmax] + ([w.absmax2, w.code2] if w.absmax2 is not None else [])
+    tensors = [packed, absmax, code] + ([absmax2, code2] if nested else [])
     if any(t.device != x.device for t in tensors):
         raise ValueError(f"triton_nf4.nf4_gemm: x is on {x.device}, weight tensors on "
                          f"{sorted({str(t.device) for t in tensors})}")
@@ -399,12 +397,11 @@ def nf4_gemm(x: torch.Tensor, w: _Weight, transpose: bool = False, *, split_k: i
     out_shape = (*x.shape[:-1], C)
     if M == 0:
         return x.new_empty(out_shape)
-    nested = w.absmax2 is not None
     if nested:
-        absmax2, code2 = w.absmax2.float(), w.code2.float()
-        offset = torch.as_tensor(w.offset, dtype=torch.float32, device=x.device)
+        absmax2, code2 = absmax2.float(), code2.float()
+        offset = torch.as_tensor(offset, dtype=torch.float32, device=x.device)
     else:  # unused by the kernel (NESTED=False): any valid pointer
-        absmax2 = code2 = offset = w.absmax
+        absmax2 = code2 = offset = absmax
     aligned = K % 64 == 0
     meta = dict(TRANSPOSE=transpose, NESTED=nested, ALIGNED=aligned, INTERPRETED=INTERPRET,
                 DOT_PRECISION="tf32" if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee")
@@ -416,7 +413,7 @@ def nf4_gemm(x: torch.Tensor, w: _Weight, transpose: bool = False, *, split_k: i
         out = torch.empty((splits, M, C), device=x.device, dtype=x.dtype if splits == 1 else torch.float32)
         grid = lambda META: (triton.cdiv(M, block_m) * triton.cdiv(C, META["BLOCK_C"]), splits)  # noqa: E731
         kernel = _gemv if aligned else _gemv_any_k
-        kernel[grid](a, out, w.packed, w.absmax, absmax2, code2, offset, _nf4_table(x.device),
+        kernel[grid](a, out, packed, absmax, absmax2, code2, offset, code,
                      M, N, K, block_m, a.stride(0), a.stride(1), *out.stride(), BLOCK_M=block_m, **meta)
         y = out[0] if splits == 1 else out.sum(0).to(x.dtype)
     else:
@@ -424,6 +421,6 @@ def nf4_gemm(x: torch.Tensor, w: _Weight, transpose: bool = False, *, split_k: i
         m_bucket = min(triton.next_power_of_2(M), 8192)
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(C, META["BLOCK_C"]), 1)  # noqa: E731
         kernel = _gemm if aligned else _gemm_any_k
-        kernel[grid](a, y, w.packed, w.absmax, absmax2, code2, offset, _nf4_table(x.device),
+        kernel[grid](a, y, packed, absmax, absmax2, code2, offset, code,
                      M, N, K, m_bucket, a.stride(0), a.stride(1), 0, y.stride(0), y.stride(1), **meta)
     return y.view(out_shape)

@@ -52,7 +52,7 @@ def bnb_kernel_warning_format() -> str:
 
 def test_filter_drops_only_the_kernel_warning(caplog):
     from bitsandbytes.backends.cpu import ops
-    assert ops.logger is logging.getLogger(quant.nf4.BNB_CPU_LOGGER)
+    assert ops.logger is logging.getLogger(quant.BNB_CPU_LOGGER)
     caplog.set_level(logging.WARNING)
     ops.logger.warning(bnb_kernel_warning_format(), ModuleNotFoundError("No module named 'kernels'"))
     ops.logger.warning("Failed to load the CPU library")          # another warning from the same logger
@@ -84,5 +84,5 @@ def test_importing_bitsandbytes_through_quant_is_quiet():
     if not seen:
         pytest.skip("bitsandbytes does not try the kernels-community CPU kernel here (no AVX512-BF16, or the "
                     "`kernels` package is installed)")
-    assert len(seen) == 1 and seen[0].startswith(quant.nf4.BNB_KERNEL_WARNING)
+    assert len(seen) == 1 and seen[0].startswith(quant.BNB_KERNEL_WARNING)
     assert "gemm_4bit_forward" not in r.stderr, r.stderr

@@ -58,6 +58,12 @@ def quantized(N: int, K: int):
     return packed, s, bnbF.dequantize_4bit(packed, s)
 
 
+def kernel_weight(packed, s) -> tuple:
+    """triton_nf4.nf4_gemm's weight arguments from bitsandbytes' packed data and QuantState."""
+    stats = (s.state2.absmax, s.state2.code, s.offset) if s.nested else ()
+    return (packed, s.absmax, s.code, s.shape, *stats)
+
+
 def check(y: torch.Tensor, a: torch.Tensor, B: torch.Tensor) -> float:
     """y ~ a @ B, with B (fp32) rounded to a's dtype first as the kernels do; the reference in fp64. Returns the
     max error over the bound (<= 1)."""
@@ -95,17 +101,16 @@ def test_dequantize_nf4_matches_bitsandbytes_on_cuda():
 @pytest.mark.parametrize("shape", SHAPES_7B.values(), ids=SHAPES_7B.keys())
 def test_triton_nf4_at_7b_shapes(shape, dtype, M):
     from quant import triton_nf4
-    from quant.nf4 import _weight_from_state
     N, K = shape
     packed, s, W = quantized(N, K)
-    w = _weight_from_state(packed, s)
+    w = kernel_weight(packed, s)
     g = torch.Generator(device=DEVICE).manual_seed(M)
     x = torch.randn(M, K, device=DEVICE, generator=g).to(dtype)
-    y = triton_nf4.nf4_gemm(x, w, transpose=False)  # forward: x @ W.T
+    y = triton_nf4.nf4_gemm(x, *w, transpose=False)  # forward: x @ W.T
     assert y.shape == (M, N) and y.dtype == dtype
     check(y, x, W.t())
     dy = torch.randn(M, N, device=DEVICE, generator=g).to(dtype)
-    dx = triton_nf4.nf4_gemm(dy, w, transpose=True)  # input gradient: dy @ W
+    dx = triton_nf4.nf4_gemm(dy, *w, transpose=True)  # input gradient: dy @ W
     assert dx.shape == (M, K) and dx.dtype == dtype
     check(dx, dy, W)
 
@@ -115,16 +120,15 @@ def test_triton_nf4_at_7b_shapes(shape, dtype, M):
 def test_triton_split_k_at_7b_down_projection(M):
     """Explicit slice counts of the summed dimension (11008 forward, 4096 backward), uneven ones included."""
     from quant import triton_nf4
-    from quant.nf4 import _weight_from_state
     N, K = SHAPES_7B["down"]
     packed, s, W = quantized(N, K)
-    w = _weight_from_state(packed, s)
+    w = kernel_weight(packed, s)
     g = torch.Generator(device=DEVICE).manual_seed(M)
     x = torch.randn(M, K, device=DEVICE, generator=g).to(torch.bfloat16)
     dy = torch.randn(M, N, device=DEVICE, generator=g).to(torch.bfloat16)
     for splits in (1, 3, 7, 64):
-        check(triton_nf4.nf4_gemm(x, w, transpose=False, split_k=splits), x, W.t())
-        check(triton_nf4.nf4_gemm(dy, w, transpose=True, split_k=splits), dy, W)
+        check(triton_nf4.nf4_gemm(x, *w, transpose=False, split_k=splits), x, W.t())
+        check(triton_nf4.nf4_gemm(dy, *w, transpose=True, split_k=splits), dy, W)
 
 
 @needs_sm80
@@ -135,8 +139,8 @@ def test_nf4_matmul_autograd_runs_the_triton_kernels(rows, monkeypatch):
     from quant import triton_nf4
     calls = []
     kernel = triton_nf4.nf4_gemm
-    monkeypatch.setattr(triton_nf4, "nf4_gemm", lambda x, w, transpose=False, **kw:
-                        calls.append(transpose) or kernel(x, w, transpose, **kw))
+    monkeypatch.setattr(triton_nf4, "nf4_gemm", lambda *args, transpose=False, **kw:
+                        calls.append(transpose) or kernel(*args, transpose=transpose, **kw))
     packed, s, W = quantized(*SHAPES_7B["gate_up"])
     g = torch.Generator(device=DEVICE).manual_seed(rows)
     x = torch.randn(2, rows, W.shape[1], device=DEVICE, generator=g).to(torch.bfloat16).requires_grad_()

@@ -1,5 +1,6 @@
-"""quant/nf4.py against bitsandbytes itself: dequantization bit for bit, matmul and its gradient,
-NF4Linear vs bitsandbytes.nn.Linear4bit, module swapping, the streaming hook, state dicts, memory."""
+"""quant/nf4.py and its CPU fast path (quant/cpu.py) against bitsandbytes itself: dequantization bit for bit,
+matmul and its gradient, NF4Linear vs bitsandbytes.nn.Linear4bit, module swapping, the streaming hook, state
+dicts, memory."""
 import copy
 from collections import OrderedDict
 
@@ -92,7 +93,7 @@ def test_cpu_scratch_is_reused_and_never_escapes():
     for y, copy, ref in results:
         assert torch.equal(y, copy)  # nothing later wrote into an earlier output
         torch.testing.assert_close(y, ref)
-    bufs = quant.nf4._scratch.bufs
+    bufs = quant.cpu._scratch.bufs
     assert set(bufs) == {torch.float32, torch.bfloat16} and bufs[torch.float32].numel() == 256 * 192
 
 
@@ -115,7 +116,7 @@ def test_nf4_matmul_forward_and_grad(M, shape, sliced, monkeypatch):
     goes slice by slice through W (64-row slices here: 2-3 per weight, K % 64 != 0 and odd K included);
     M = 17 takes the dense path."""
     if sliced:
-        monkeypatch.setattr(quant.nf4, "_SLICE_VALUES", 64)
+        monkeypatch.setattr(quant.cpu, "SLICE_VALUES", 64)
     torch.manual_seed(0)
     packed, s = quantize(torch.randn(*shape))
     dense = bnb_dense(packed, s)
@@ -138,7 +139,7 @@ def test_nf4_matmul_half_precision(M, dtype, monkeypatch):
     """16-bit activations: the weight is rounded to x's dtype (bit-exactly bitsandbytes' dequantize_4bit in
     that dtype) and the products accumulate in fp32, so the result is within one rounding of the fp32
     product of the same 16-bit operands."""
-    monkeypatch.setattr(quant.nf4, "_SLICE_VALUES", 64)
+    monkeypatch.setattr(quant.cpu, "SLICE_VALUES", 64)
     torch.manual_seed(0)
     packed, s = quantize(torch.randn(150, 128))
     W = bnb_dense(packed, s, dtype).float()

@@ -21,7 +21,6 @@ pytest.importorskip("triton", reason="triton is not installed (it has Linux whee
 
 import quant  # noqa: E402
 from quant import triton_nf4  # noqa: E402
-from quant.nf4 import _weight_from_state  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -38,6 +37,12 @@ def to_device(packed, s):
     s = copy.deepcopy(s)
     s.to(DEVICE)  # in place
     return packed.to(DEVICE), s
+
+
+def weight(packed, s) -> tuple:
+    """triton_nf4.nf4_gemm's weight arguments from bitsandbytes' packed data and QuantState."""
+    stats = (s.state2.absmax, s.state2.code, s.offset) if s.nested else ()
+    return (packed, s.absmax, s.code, s.shape, *stats)
 
 
 def bnb_dense(packed, s) -> torch.Tensor:
@@ -66,14 +71,14 @@ def test_nf4_gemm_matches_bitsandbytes_dequant(M, shape, dtype, nested):
     N, K = shape
     packed, s = quantize(N, K, nested)
     W = bnb_dense(packed, s)
-    w = _weight_from_state(*to_device(packed, s))
+    w = weight(*to_device(packed, s))
     torch.manual_seed(1)
     x = torch.randn(M, K).to(dtype)
-    y = triton_nf4.nf4_gemm(x.to(DEVICE), w, transpose=False)
+    y = triton_nf4.nf4_gemm(x.to(DEVICE), *w, transpose=False)
     assert y.shape == (M, N) and y.dtype == dtype
     check(y, x, W.t())
     g = torch.randn(M, N).to(dtype)
-    dx = triton_nf4.nf4_gemm(g.to(DEVICE), w, transpose=True)
+    dx = triton_nf4.nf4_gemm(g.to(DEVICE), *w, transpose=True)
     assert dx.shape == (M, K) and dx.dtype == dtype
     check(dx, g, W)
 
@@ -84,12 +89,12 @@ def test_split_k_slices_sum_to_the_product(M, transpose):
     N, K = 96, 200
     packed, s = quantize(N, K, nested=True)
     W = bnb_dense(packed, s)
-    w = _weight_from_state(*to_device(packed, s))
+    w = weight(*to_device(packed, s))
     torch.manual_seed(1)
     x = torch.randn(M, N if transpose else K, dtype=torch.bfloat16)
     # 2 and 3 slices of 200 (or 96) in BLOCK_R steps; 7 leaves the last slices empty
     for splits in (1, 2, 3, 7):
-        y = triton_nf4.nf4_gemm(x.to(DEVICE), w, transpose=transpose, split_k=splits)
+        y = triton_nf4.nf4_gemm(x.to(DEVICE), *w, transpose=transpose, split_k=splits)
         check(y, x, W if transpose else W.t())
 
 
@@ -139,23 +144,24 @@ def test_strided_and_empty_inputs():
     N, K = 64, 128
     packed, s = quantize(N, K, nested=True)
     W = bnb_dense(packed, s)
-    w = _weight_from_state(*to_device(packed, s))
+    w = weight(*to_device(packed, s))
     x = torch.randn(K, 19).t()  # (19, K), row stride 1, column stride 19
     assert not x.is_contiguous()
-    check(triton_nf4.nf4_gemm(x.to(DEVICE), w), x, W.t())  # .to keeps the strides
-    assert triton_nf4.nf4_gemm(torch.randn(0, 5, K, device=DEVICE), w).shape == (0, 5, N)
+    check(triton_nf4.nf4_gemm(x.to(DEVICE), *w), x, W.t())  # .to keeps the strides
+    assert triton_nf4.nf4_gemm(torch.randn(0, 5, K, device=DEVICE), *w).shape == (0, 5, N)
 
 
 def test_nf4_gemm_rejects_bad_input():
     packed, s = quantize(64, 128, nested=True)
-    w = _weight_from_state(packed, s)
+    w = weight(packed, s)
     with pytest.raises(ValueError, match="x.shape"):
-        triton_nf4.nf4_gemm(torch.randn(2, 64), w)  # forward wants K = 128
+        triton_nf4.nf4_gemm(torch.randn(2, 64), *w)  # forward wants K = 128
     with pytest.raises(ValueError, match="dtype"):
-        triton_nf4.nf4_gemm(torch.randn(2, 128, dtype=torch.float64), w)
-    w.packed = torch.cat([packed, packed], dim=1)[:, :1]  # right size, every other byte: not flat
+        triton_nf4.nf4_gemm(torch.randn(2, 128, dtype=torch.float64), *w)
+    strided = torch.cat([packed, packed], dim=1)[:, :1]  # right size, every other byte: not flat
     with pytest.raises(ValueError, match="contiguous"):
-        triton_nf4.nf4_gemm(torch.randn(2, 128), w)
-    w.blocksize = 128
+        triton_nf4.nf4_gemm(torch.randn(2, 128), *weight(strided, s))
+    packed128, s128 = bnbF.quantize_4bit(torch.randn(64, 128), blocksize=128, compress_statistics=True,
+                                         quant_type="nf4")
     with pytest.raises(ValueError, match="blocksize"):
-        triton_nf4.nf4_gemm(torch.randn(2, 128), w)
+        triton_nf4.nf4_gemm(torch.randn(2, 128), *weight(packed128, s128))
