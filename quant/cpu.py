@@ -27,6 +27,7 @@ def _rows(w, scales: torch.Tensor, r0: int, r1: int, dtype: torch.dtype) -> torc
     K = w.shape[1]
     if K % w.blocksize:
         return w.rows(scales, r0, r1, dtype)
+    import bitsandbytes  # noqa: F401  registers torch.ops.bitsandbytes (a loaded NF4Linear never imported it)
     packed = w.packed.reshape(-1)[r0 * K // 2: r1 * K // 2]
     scales = scales[r0 * K // w.blocksize: r1 * K // w.blocksize]
     return torch.ops.bitsandbytes.dequantize_4bit.default(packed, scales, w.blocksize, "nf4",

@@ -3,6 +3,7 @@ matmul and its gradient, NF4Linear vs bitsandbytes.nn.Linear4bit, module swappin
 dicts, memory."""
 import copy
 from collections import OrderedDict
+from pathlib import Path
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
@@ -287,3 +288,21 @@ def test_quantize_on_load_hook_equals_quantize_model(tmp_path):
     tokens = torch.randint(0, 128, (2, 9))
     with torch.no_grad():
         assert torch.equal(streamed(tokens), swapped(tokens))
+
+
+def test_loaded_nf4linear_runs_in_a_process_that_never_quantized(tmp_path):
+    """An NF4Linear built empty and filled by load_state_dict (a saved quantized model) multiplies on CPU in a
+    fresh process where nothing imported bitsandbytes before: the CPU path registers its ops itself."""
+    import subprocess
+    import sys
+    torch.manual_seed(0)
+    layer = quant.NF4Linear.from_weight(torch.randn(64, 128), compute_dtype=torch.float32)
+    x = torch.randn(40, 128)
+    torch.save({"state": layer.state_dict(), "x": x, "want": x @ layer.dequantize().float().T}, tmp_path / "l.pt")
+    script = ("import sys, torch; from quant import NF4Linear; d = torch.load(sys.argv[1]); "
+              "m = NF4Linear(128, 64, compute_dtype=torch.float32); m.load_state_dict(d['state']); "
+              "print(float((m(d['x']) - d['want']).abs().max()))")
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "l.pt")], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parent.parent, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout.strip().splitlines()[-1]) < 1e-4
