@@ -1,5 +1,4 @@
 """train.py: data errors and filters, masks, packing isolation, learning in each mode, resume, the demo."""
-import dataclasses
 import json
 import math
 import re
@@ -12,6 +11,7 @@ import train
 from llama import ModelArgs, Tokenizer, Transformer, corpus
 from llama.chat import encode_chat
 from llama.data import DataError
+from llama.generate import resolve_device_dtype
 
 DEMO_TOK = train.DEMO / "tiny-llama" / "tokenizer.model"
 
@@ -171,13 +171,13 @@ def test_auto_dtype_is_bf16_on_cpu_only_for_big_checkpoints(tmp_path):
     """--dtype auto on CPU: fp32 for the small demo model, bf16 for a checkpoint over 2 GiB (7B is 13.5 GB),
     where fp32 would double the unquantized embeddings, head and activations."""
     cfg = train.TrainConfig(device="cpu")
-    assert train.resolve_device_dtype(cfg)[1] == torch.float32  # the bundled demo
+    assert resolve_device_dtype(cfg.device, cfg.dtype, cfg.ckpt)[1] == torch.float32  # the bundled demo
     with open(tmp_path / "consolidated.00.pth", "wb") as f:  # sparse: only its size is read
         f.truncate(3 * 2**30)
     (tmp_path / "params.json").write_text("{}")
     cfg = train.TrainConfig(ckpt=str(tmp_path), device="cpu")
-    assert train.resolve_device_dtype(cfg)[1] == torch.bfloat16
-    assert train.resolve_device_dtype(dataclasses.replace(cfg, dtype="fp32"))[1] == torch.float32
+    assert resolve_device_dtype(cfg.device, cfg.dtype, cfg.ckpt)[1] == torch.bfloat16
+    assert resolve_device_dtype("cpu", "fp32", cfg.ckpt)[1] == torch.float32
 
 
 # ---- learning in each mode, resume
