@@ -61,8 +61,7 @@ ROOT = Path(__file__).resolve().parent
 DEMO = ROOT / "demo"
 
 
-# ---------------------------------------------------------------------------------------------
-# Configuration: the dataclass defaults are the documentation; the CLI is generated from it.
+# ---- Configuration: the dataclass defaults are the documentation; the CLI is generated from it.
 
 
 def opt(default, help: str = "", choices: tuple[str, ...] | None = None):
@@ -158,8 +157,7 @@ class UserError(Exception):
     """Bad input from the user: printed as one paragraph, exit code 2, no traceback."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Packing: samples -> rows of exactly seq_len tokens with labels and document ids.
+# ---- Packing: samples -> rows of exactly seq_len tokens with labels and document ids.
 
 
 def sample_labels(ids: list[int], mask: list[bool]) -> list[int]:
@@ -167,23 +165,19 @@ def sample_labels(ids: list[int], mask: list[bool]) -> list[int]:
     return [ids[i + 1] if mask[i + 1] else -100 for i in range(len(ids) - 1)] + [-100]
 
 
-def pack(samples: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
+def pack(samples: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int = 0,
+         packing: bool = True) -> dict[str, torch.Tensor]:
     """Best-fit-decreasing bin packing of samples into rows of seq_len tokens (llama.corpus.pack_plan), all rows
     built at once: tokens/labels/doc_ids [R, seq_len]. Each sample keeps its own doc id within the row so the
-    model isolates it; the padded tail is one more "document" whose labels are all -100. (Training builds
-    only the rows each micro-batch draws; this is the whole-corpus form, for tests and benchmarks.)"""
-    return _all_rows(samples, seq_len, pad_id, packing=True)
-
-
-def pad_each(samples: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """--no-packing: one sample per row, padded to seq_len."""
-    return _all_rows(samples, seq_len, pad_id, packing=False)
-
-
-def _all_rows(samples, seq_len: int, pad_id: int, packing: bool) -> dict[str, torch.Tensor]:
+    model isolates it; the padded tail is one more "document" whose labels are all -100. packing=False
+    (--no-packing): one sample per row. (Training builds only the rows each micro-batch draws; this is the
+    whole-corpus form, for tests and benchmarks.)"""
     split = corpus.split_from_samples(samples)
     rows = corpus.make_rows(split, seq_len, packing)
     return {k: torch.from_numpy(v) for k, v in corpus.build_batch(split, rows, range(len(rows)), seq_len, pad_id).items()}
+
+
+pad_each = functools.partial(pack, packing=False)
 
 
 def draw(split: corpus.Split, rows: corpus.Rows, which, cfg: TrainConfig, pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -192,8 +186,7 @@ def draw(split: corpus.Split, rows: corpus.Rows, which, cfg: TrainConfig, pad_id
     return {k: torch.from_numpy(v).to(device) for k, v in b.items()}
 
 
-# ---------------------------------------------------------------------------------------------
-# Data: --data -> the prepared corpus (OUT/data, or a prepared folder given as --data).
+# ---- Data: --data -> the prepared corpus (OUT/data, or a prepared folder given as --data).
 
 
 def data_options(cfg: TrainConfig) -> corpus.DataOptions:
@@ -243,8 +236,7 @@ def prepared_data(cfg: TrainConfig, tokenizer: Tokenizer, out: Path, dist_ctx: "
     return folder, meta, splits
 
 
-# ---------------------------------------------------------------------------------------------
-# Model: load base weights -> quantize (while streaming) -> add tokens -> LoRA.
+# ---- Model: load base weights -> quantize (while streaming) -> add tokens -> LoRA.
 
 
 def load_tokenizer(cfg: TrainConfig) -> tuple[Tokenizer, list[str]]:
@@ -306,8 +298,7 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, new_tokens: list[str], d
     return model, quantize
 
 
-# ---------------------------------------------------------------------------------------------
-# Loss: the model computes it (`Transformer.forward(..., labels=)`: the head only sees trained tokens).
+# ---- Loss: the model computes it (`Transformer.forward(..., labels=)`: the head only sees trained tokens).
 
 
 def loss_sum(model, tokens, labels, doc_ids) -> torch.Tensor:
@@ -328,8 +319,7 @@ def evaluate(model, split: corpus.Split, rows: corpus.Rows, cfg: TrainConfig, pa
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
 
 
-# ---------------------------------------------------------------------------------------------
-# Optimiser and schedule.
+# ---- Optimiser and schedule.
 
 
 def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: torch.device):
@@ -353,8 +343,7 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr  # constant
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: trainable weights + optimizer + RNG + position, written to a temp dir then renamed,
+# ---- Checkpoints: trainable weights + optimizer + RNG + position, written to a temp dir then renamed,
 # so a crash at any moment leaves the previous checkpoint intact.
 
 
@@ -487,8 +476,7 @@ def list_checkpoints(out: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if (p / "state.pt").exists())
 
 
-# ---------------------------------------------------------------------------------------------
-# Generation-based eval (the demo's before/after exact match).
+# ---- Generation-based eval (the demo's before/after exact match).
 
 
 def read_gen_eval(path: str) -> list[tuple[list[dict], str]]:
@@ -512,16 +500,7 @@ def exact_match(model, tokenizer, items, template: str, device, max_new_tokens: 
     return score, answers
 
 
-# ---------------------------------------------------------------------------------------------
-# The output folder.
-
-
-def peak_mem_mb(device) -> float:
-    """Peak memory of this process: CUDA allocations on a GPU, else the peak resident set (Linux: in KiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# ---- The output folder.
 
 
 PREPARED = ("data", "data_stats.json")
@@ -541,23 +520,18 @@ def check_out(cfg: TrainConfig) -> Path:
     return out
 
 
-def estimate_checkpoint_bytes(params: list[torch.nn.Parameter], cfg: TrainConfig) -> int:
-    """Trainable weights (fp32) plus AdamW's two moments (fp32, or ~1 byte each for the 8-bit optimizers)."""
-    n = sum(p.numel() for p in params)
-    return n * (4 + (2 if "8bit" in cfg.optim else 8)) + (1 << 20)
-
-
 def check_disk(out: Path, params: list[torch.nn.Parameter], cfg: TrainConfig) -> None:
-    need = estimate_checkpoint_bytes(params, cfg) * ((cfg.save_total_limit + 1) if cfg.save_every else 1)
+    """A checkpoint holds the trainable weights (fp32) and AdamW's two moments (fp32, ~1 byte each for 8-bit)."""
+    one = sum(p.numel() for p in params) * (4 + (2 if "8bit" in cfg.optim else 8)) + (1 << 20)
+    need = one * ((cfg.save_total_limit + 1) if cfg.save_every else 1)
     free = shutil.disk_usage(out if out.exists() else out.parent if out.parent.exists() else Path(".")).free
     if free < need:
         raise UserError(f"--out {out}: {free / 2**30:.2f} GiB free on disk, but {need / 2**30:.2f} GiB are needed "
-                        f"({cfg.save_total_limit} checkpoints of {estimate_checkpoint_bytes(params, cfg) / 2**30:.2f} GiB "
+                        f"({cfg.save_total_limit} checkpoints of {one / 2**30:.2f} GiB "
                         "plus the final adapter); free space, lower --save-total-limit or choose another --out")
 
 
-# ---------------------------------------------------------------------------------------------
-# Several processes (torchrun): full fine-tuning shards every block with FSDP2; LoRA/QLoRA replicate the
+# ---- Several processes (torchrun): full fine-tuning shards every block with FSDP2; LoRA/QLoRA replicate the
 # frozen base and all-reduce the adapters' gradients. Each optimizer step's rows are split across ranks,
 # and the loss is normalised by the trained-token count of the whole global batch, so N processes compute
 # exactly the gradient one process computes on the same global batch.
@@ -624,8 +598,7 @@ def full_state_model(model, dist_ctx: Dist):
     return plain
 
 
-# ---------------------------------------------------------------------------------------------
-# The loop.
+# ---- The loop.
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -658,7 +631,12 @@ def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
             dist_ctx.say(f"data prepared in {data.folder}; train with the same flags and --out {out} (it is reused), "
                          f"or pass --data {data.folder}", flush=True)
         return {"data": data.stats}
-    model, quantized = load_training_model(cfg, data, device, dtype, dist_ctx)
+    t0 = time.time()
+    model, quantized = build_model(cfg, data.tokenizer, data.new_tokens, device, dtype,
+                                   load_progress() if dist_ctx.rank == 0 else None)
+    dist_ctx.say(f"model: loaded{' + NF4-quantized' if quantized else ''} in {time.time() - t0:.1f}s", flush=True)
+    if cfg.full and dist_ctx.world > 1:  # under torchrun, full fine-tuning shards every block (FSDP2)
+        shard_model(model, dist_ctx, device)
     run = setup_run(cfg, out, data, model, quantized, device, dtype, dist_ctx)
     gen_eval = read_gen_eval(cfg.gen_eval) if cfg.gen_eval and not dist_ctx.fsdp else None  # needs the whole model
     before = exact_match(model, data.tokenizer, gen_eval, cfg.template, device) if gen_eval and run.step == 0 else None
@@ -731,17 +709,6 @@ def load_data(cfg: TrainConfig, out: Path, dist_ctx: Dist) -> Data:
         if cfg.show_samples:
             print(corpus.show_samples(train_split, tokenizer, cfg.show_samples, color=sys.stdout.isatty()), flush=True)
     return Data(tokenizer, new_tokens, folder, train_split, val_split, rows, val_rows, stats)
-
-
-def load_training_model(cfg: TrainConfig, data: Data, device: torch.device, dtype: torch.dtype, dist_ctx: Dist):
-    """build_model, timed; under torchrun, full fine-tuning shards it (FSDP2)."""
-    t0 = time.time()
-    model, quantized = build_model(cfg, data.tokenizer, data.new_tokens, device, dtype,
-                                   load_progress() if dist_ctx.rank == 0 else None)
-    dist_ctx.say(f"model: loaded{' + NF4-quantized' if quantized else ''} in {time.time() - t0:.1f}s", flush=True)
-    if cfg.full and dist_ctx.world > 1:
-        shard_model(model, dist_ctx, device)
-    return model, quantized
 
 
 @dataclass
@@ -854,6 +821,14 @@ def skip_step(cfg: TrainConfig, step: int, lr: float, loss: float, grad_norm: fl
                         "Lower --lr, use fp32/bf16 instead of fp16, or check the data.")
 
 
+def peak_mem_mb(device) -> float:
+    """Peak memory of this process: CUDA allocations on a GPU, else the peak resident set (Linux: in KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def log_eval_save(cfg: TrainConfig, out: Path, model, run: Run, data: Data, loss: float, grad_norm: float, lr: float,
                   dt: float, t_start: float, metrics_f, device: torch.device, dist_ctx: Dist, stop: dict) -> dict:
     """After step run.step: eval when due, a metrics line and the console line when due, a checkpoint when due
@@ -911,8 +886,7 @@ def write_outputs(cfg: TrainConfig, out: Path, model, data: Data, step: int, las
     return result
 
 
-# ---------------------------------------------------------------------------------------------
-# What a run prints.
+# ---- What a run prints.
 
 
 def summary_lines(cfg: TrainConfig, model, quantized: bool, device: torch.device, dtype: torch.dtype, stats: dict,
@@ -994,8 +968,7 @@ def plot_loss(out: Path) -> None:
     plt.close(fig)
 
 
-# ---------------------------------------------------------------------------------------------
-# Chat with a base model + adapter.
+# ---- Chat with a base model + adapter.
 
 
 def chat(cfg: TrainConfig, argv: list[str]) -> None:

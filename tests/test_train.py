@@ -180,6 +180,27 @@ def test_auto_dtype_is_bf16_on_cpu_only_for_big_checkpoints(tmp_path):
     assert resolve_device_dtype("cpu", "fp32", cfg.ckpt)[1] == torch.float32
 
 
+def test_chat_uses_main_argv_and_the_runs_template(tmp_path, tiny_train_ckpt, monkeypatch, capsys):
+    """--chat hands the loaded model to llama.generate's chat loop; the template is the adapter's run's unless
+    main's own argv names one (sys.argv, here pytest's or a parent program's, is not looked at)."""
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    (tmp_path / "run" / "run_config.json").write_text(json.dumps({"template": "tulu"}))
+    seen = []
+    monkeypatch.setattr(train.lora, "load_adapter", lambda model, path: seen.append(("adapter", str(path))))
+    monkeypatch.setattr(train, "chat_loop", lambda model, tok, template: seen.append((template, model.args.dim)))
+    monkeypatch.setattr("sys.argv", ["train.py", "--template", "llama2"])
+    base = ["--chat", "--ckpt", str(tiny_train_ckpt), "--adapter", str(adapter), "--dtype", "bf16"]
+    assert train.main(base) == 0
+    assert train.main(base + ["--template", "oasst"]) == 0
+    assert train.main(base + ["--template=alpaca"]) == 0
+    assert seen == [("adapter", str(adapter)), ("tulu", 64)] + [("adapter", str(adapter)), ("oasst", 64)] + [
+        ("adapter", str(adapter)), ("alpaca", 64)]
+    # a template whose special tokens the tokenizer lacks: llama.generate's check, as a clear error (exit 2)
+    assert train.main(["--chat", "--ckpt", str(tiny_train_ckpt), "--template", "chatml"]) == 2
+    assert "error: --template chatml needs the special tokens" in capsys.readouterr().err
+
+
 # ---- learning in each mode, resume
 
 
