@@ -598,7 +598,7 @@ def full_state_model(model, dist_ctx: Dist):
     return plain
 
 
-# ---- The loop.
+# ---- The pipeline: train() runs these stages in order.
 
 
 def train(cfg: TrainConfig) -> dict:
