@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -33,16 +34,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Process settings for CPU runs, read by MKL and c10 at their first use, hence set before torch is imported
-# (an explicit value in the environment wins; benchmarks/bench_train.py gives the HF baseline the same):
-# - MKL_CBWR: Intel's MKL chooses its summation order by the memory alignment of the operands, so a resumed
-#   run (another process, another heap layout) drifted from the uninterrupted one in the last bits of fp32
-#   losses. Strict conditional numerical reproducibility fixes the order for a given thread count; no
-#   measurable cost on the matmuls here.
-# - THP_MEM_ALLOC_ENABLE: each fresh CPU tensor is faulted in 4 KiB pages, ~2.5 us each on a VM, so a 16 MB
-#   activation cost more to map than to compute (silu on [2048, 2048]: 8.5 ms, 2 ms of it arithmetic).
-#   With this, c10 backs allocations of 2 MB and up with transparent huge pages (Linux, where THP is
-#   "madvise" or "always"): ~20% more tokens/s in the small model's LoRA step. No effect on CUDA memory.
+# ---- Machine-specific process settings (the one place for them). They are read by MKL and c10 at first use,
+# hence set before torch is imported; a value already in the environment wins. benchmarks/bench_train.py gives
+# the HF baseline the same settings, and benchmarks/README.md has what they are worth.
+# - MKL_CBWR: fixed summation order whatever the operands' memory alignment, so a resumed run (another
+#   process, another heap layout) stays bit-identical with the uninterrupted one.
+# - THP_MEM_ALLOC_ENABLE: CPU allocations of 2 MB and up get transparent huge pages, so large fresh
+#   activations are not faulted in 4 KiB page by page (Linux; no effect on CUDA memory).
 PROCESS_ENV = {"MKL_CBWR": "AUTO,STRICT", "THP_MEM_ALLOC_ENABLE": "1"}
 for _k, _v in PROCESS_ENV.items():
     os.environ.setdefault(_k, _v)
@@ -56,112 +54,102 @@ from llama import Tokenizer, corpus, load_model, save_model
 from llama.chat import TEMPLATES, encode_chat, required_special_tokens, save_tokenizer_files, stop_ids
 from llama.checkpoint import CheckpointError, find_tokenizer, resolve_checkpoint
 from llama.data import DataError, read_dialogs
-from llama.generate import generate
+from llama.generate import DTYPES, chat_loop, generate, load_chat_model, resolve_device_dtype
 from llama.model import resize_embeddings
 
 ROOT = Path(__file__).resolve().parent
 DEMO = ROOT / "demo"
 
 
-# ---------------------------------------------------------------------------------------------
-# Configuration: the dataclass defaults are the documentation; the CLI is generated from it.
+# ---- Configuration: the dataclass defaults are the documentation; the CLI is generated from it.
+
+
+def opt(default, help: str = "", choices: tuple[str, ...] | None = None):
+    """A TrainConfig field: its default, its --help text and the values argparse accepts."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class TrainConfig:
-    ckpt: str = str(DEMO / "tiny-llama")  # Meta folder (consolidated.*.pth + params.json), HF folder, or org/name in the HF hub cache
-    data: list[str] = field(default_factory=lambda: [str(DEMO / "data" / "train.jsonl")])  # path[:fraction] ... or one prepared folder
-    template: str = "llama2"  # llama2 | chatml | tulu | oasst | alpaca
+    ckpt: str = opt(str(DEMO / "tiny-llama"), "Meta folder (consolidated.*.pth + params.json), HF folder, or org/name in the HF hub cache")
+    data: list[str] = opt([str(DEMO / "data" / "train.jsonl")], "path[:fraction] ... or one prepared folder")
+    template: str = opt("llama2", "chat template", TEMPLATES)
     out: str = "out/run"
-    overwrite: bool = False  # reuse an --out that holds another run
+    overwrite: bool = opt(False, "reuse an --out that holds another run")
     # model
-    quant: str = "auto"  # none | nf4 | auto (nf4 on CUDA, none on CPU)
-    full: bool = False  # full fine-tuning instead of LoRA
+    quant: str = opt("auto", "auto: nf4 on CUDA, none on CPU", ("none", "nf4", "auto"))
+    full: bool = opt(False, "full fine-tuning instead of LoRA")
     lora_r: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
     lora_targets: str = "wq,wk,wv,wo,w1,w2,w3"
     rslora: bool = False
-    dtype: str = "auto"  # auto (bf16 on CUDA; on CPU fp32, bf16 for checkpoints over 2 GiB) | bf16 | fp16 | fp32
+    dtype: str = opt("auto", "auto: bf16 on CUDA; on CPU fp32, bf16 for checkpoints over 2 GiB", ("auto", *DTYPES))
     device: str = "auto"
     grad_checkpointing: bool = False
-    lima_dropout: float = 0.0  # residual dropout rising linearly with depth up to this value (LIMA)
-    init_adapter: str = ""  # start from a saved adapter (second stage), fresh optimizer
+    lima_dropout: float = opt(0.0, "residual dropout rising linearly with depth up to this value (LIMA)")
+    init_adapter: str = opt("", "start from a saved adapter (second stage), fresh optimizer")
     # data
     seq_len: int = 1024
     packing: bool = True
-    overlong: str = "truncate"  # truncate | drop samples longer than --seq-len
-    val_split: float = 0.0  # fraction of each file held out for eval
-    max_val: int = 1000  # cap on held-out samples per file
-    min_assistant_tokens: int = 1  # drop samples with fewer trained tokens
-    oasst_top_k: int = 0  # OASST threads whose assistant replies all rank below K (0: every thread)
-    oasst_lang: str = ""  # comma-separated OASST languages to keep, e.g. en,de ("": all)
-    text_as_lm: bool = False  # {"text"} rows without chat markers train on the whole text (plain language modelling)
-    prepare_data: bool = False  # tokenize --data into OUT/data and exit (loads only the tokenizer)
-    data_workers: int = 0  # tokenizer processes (0: one per core)
-    show_samples: int = 0  # print this many prepared samples with the trained spans marked
+    overlong: str = opt("truncate", "truncate or drop samples longer than --seq-len", ("truncate", "drop"))
+    val_split: float = opt(0.0, "fraction of each file held out for eval")
+    max_val: int = opt(1000, "cap on held-out samples per file")
+    min_assistant_tokens: int = opt(1, "drop samples with fewer trained tokens")
+    oasst_top_k: int = opt(0, "OASST threads whose assistant replies all rank below K (0: every thread)")
+    oasst_lang: str = opt("", "comma-separated OASST languages to keep, e.g. en,de (\"\": all)")
+    text_as_lm: bool = opt(False, "{\"text\"} rows without chat markers train on the whole text (plain language modelling)")
+    prepare_data: bool = opt(False, "tokenize --data into OUT/data and exit (loads only the tokenizer)")
+    data_workers: int = opt(0, "tokenizer processes (0: one per core)")
+    show_samples: int = opt(0, "print this many prepared samples with the trained spans marked")
     # optimisation
-    batch_size: int = 4  # rows per micro-batch
-    grad_accum: int = 4  # micro-batches per optimizer step
+    batch_size: int = opt(4, "rows per micro-batch")
+    grad_accum: int = opt(4, "micro-batches per optimizer step")
     epochs: float = 1.0
-    max_steps: int = 0  # > 0 overrides --epochs
+    max_steps: int = opt(0, "> 0 overrides --epochs")
     lr: float = 2e-4
     min_lr: float = 0.0
-    schedule: str = "cosine"  # cosine | linear | constant
+    schedule: str = opt("cosine", "", ("cosine", "linear", "constant"))
     warmup_ratio: float = 0.05
-    warmup_steps: int = 0  # > 0 overrides --warmup-ratio
-    optim: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit
+    warmup_steps: int = opt(0, "> 0 overrides --warmup-ratio")
+    optim: str = opt("adamw", "", ("adamw", "adamw_8bit", "paged_adamw_8bit"))
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
-    max_grad_norm: float = 0.3  # 0 disables clipping
-    max_bad_steps: int = 5  # abort after this many non-finite steps in a row
+    max_grad_norm: float = opt(0.3, "0 disables clipping")
+    max_bad_steps: int = opt(5, "abort after this many non-finite steps in a row")
     seed: int = 0
     # logging, eval, checkpoints
     log_every: int = 1
-    eval_every: int = 0  # 0: eval only at the end (when there is a val split)
-    save_every: int = 0  # 0: no intermediate checkpoints
+    eval_every: int = opt(0, "0: eval only at the end (when there is a val split)")
+    save_every: int = opt(0, "0: no intermediate checkpoints")
     save_total_limit: int = 2
     resume: bool = False
-    merge: bool = False  # also write the merged model to OUT/merged
-    merge_layout: str = "hf"  # meta | hf
-    gen_eval: str = ""  # JSONL of dialogs whose last assistant turn is the expected answer
+    merge: bool = opt(False, "also write the merged model to OUT/merged")
+    merge_layout: str = opt("hf", "", ("meta", "hf"))
+    gen_eval: str = opt("", "JSONL of dialogs whose last assistant turn is the expected answer")
     # chat with a result instead of training
     chat: bool = False
     adapter: str = ""
 
 
-CHOICES = {"template": TEMPLATES, "quant": ("none", "nf4", "auto"), "dtype": ("auto", "bf16", "fp16", "fp32"),
-           "overlong": ("truncate", "drop"), "schedule": ("cosine", "linear", "constant"),
-           "optim": ("adamw", "adamw_8bit", "paged_adamw_8bit"), "merge_layout": ("meta", "hf")}
-
-
-def _field_help() -> dict[str, str]:
-    """The comment after each TrainConfig field becomes its --help text (one place to document a flag)."""
-    import inspect
-    import re
-    src = inspect.getsource(TrainConfig)
-    return {m.group(1): m.group(2) for m in re.finditer(r"^\s+(\w+): [^\n]*?  # (.*)$", src, re.M)}
-
-
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Build the CLI from TrainConfig: `--lora-r 8`, `--no-packing`, `--data a.jsonl b.jsonl:0.5`."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    helps = _field_help()
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flag, h = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        h = helps.get(f.name, "")
-        if f.type == "bool" and default:
-            p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=h)
-        elif f.type == "bool":
-            p.add_argument(flag, action="store_true", help=h)
-        elif f.type.startswith("list"):
-            p.add_argument(flag, nargs="+", default=default, help=f"{h} (default: %(default)s)")
+        if f.type == "bool":
+            p.add_argument("--no-" + flag[2:] if default else flag, dest=f.name, action="store_false" if default
+                           else "store_true", help=h)
         else:
-            p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=default,
-                           choices=CHOICES.get(f.name), help=f"{h} (default: %(default)s)".lstrip())
+            p.add_argument(flag, nargs="+" if f.type.startswith("list") else None, default=default,
+                           type={"int": int, "float": float}.get(f.type, str), choices=f.metadata.get("choices"),
+                           help=f"{h} (default: %(default)s)".lstrip())
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
@@ -169,8 +157,7 @@ class UserError(Exception):
     """Bad input from the user: printed as one paragraph, exit code 2, no traceback."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Packing: samples -> rows of exactly seq_len tokens with labels and document ids.
+# ---- Packing: samples -> rows of exactly seq_len tokens with labels and document ids.
 
 
 def sample_labels(ids: list[int], mask: list[bool]) -> list[int]:
@@ -178,23 +165,19 @@ def sample_labels(ids: list[int], mask: list[bool]) -> list[int]:
     return [ids[i + 1] if mask[i + 1] else -100 for i in range(len(ids) - 1)] + [-100]
 
 
-def pack(samples: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
+def pack(samples: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int = 0,
+         packing: bool = True) -> dict[str, torch.Tensor]:
     """Best-fit-decreasing bin packing of samples into rows of seq_len tokens (llama.corpus.pack_plan), all rows
     built at once: tokens/labels/doc_ids [R, seq_len]. Each sample keeps its own doc id within the row so the
-    model isolates it; the padded tail is one more "document" whose labels are all -100. (Training builds
-    only the rows each micro-batch draws; this is the whole-corpus form, for tests and benchmarks.)"""
-    return _all_rows(samples, seq_len, pad_id, packing=True)
-
-
-def pad_each(samples: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """--no-packing: one sample per row, padded to seq_len."""
-    return _all_rows(samples, seq_len, pad_id, packing=False)
-
-
-def _all_rows(samples, seq_len: int, pad_id: int, packing: bool) -> dict[str, torch.Tensor]:
+    model isolates it; the padded tail is one more "document" whose labels are all -100. packing=False
+    (--no-packing): one sample per row. (Training builds only the rows each micro-batch draws; this is the
+    whole-corpus form, for tests and benchmarks.)"""
     split = corpus.split_from_samples(samples)
     rows = corpus.make_rows(split, seq_len, packing)
     return {k: torch.from_numpy(v) for k, v in corpus.build_batch(split, rows, range(len(rows)), seq_len, pad_id).items()}
+
+
+pad_each = functools.partial(pack, packing=False)
 
 
 def draw(split: corpus.Split, rows: corpus.Rows, which, cfg: TrainConfig, pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -203,8 +186,7 @@ def draw(split: corpus.Split, rows: corpus.Rows, which, cfg: TrainConfig, pad_id
     return {k: torch.from_numpy(v).to(device) for k, v in b.items()}
 
 
-# ---------------------------------------------------------------------------------------------
-# Data: --data -> the prepared corpus (OUT/data, or a prepared folder given as --data).
+# ---- Data: --data -> the prepared corpus (OUT/data, or a prepared folder given as --data).
 
 
 def data_options(cfg: TrainConfig) -> corpus.DataOptions:
@@ -254,22 +236,7 @@ def prepared_data(cfg: TrainConfig, tokenizer: Tokenizer, out: Path, dist_ctx: "
     return folder, meta, splits
 
 
-# ---------------------------------------------------------------------------------------------
-# Model: load base weights -> quantize (while streaming) -> add tokens -> LoRA.
-
-
-def resolve_device_dtype(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    name = cfg.dtype
-    if name == "auto":  # bf16 on CUDA; on CPU fp32 (exact, and fast for small models) up to ~1B parameters,
-        # then bf16: in fp32, 7B's unquantized embeddings, head and activations would double (24 GB machines)
-        weights = [f for f in Path(cfg.ckpt).glob("*") if f.suffix in (".pth", ".safetensors", ".bin")]
-        big = sum(f.stat().st_size for f in weights) > 2 * 2**30
-        name = "bf16" if device.type == "cuda" or big else "fp32"
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if name not in dtypes:
-        raise UserError(f"--dtype {cfg.dtype}: expected auto, bf16, fp16 or fp32")
-    return device, dtypes[name]
+# ---- Model: load base weights -> quantize (while streaming) -> add tokens -> LoRA.
 
 
 def load_tokenizer(cfg: TrainConfig) -> tuple[Tokenizer, list[str]]:
@@ -331,8 +298,7 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, new_tokens: list[str], d
     return model, quantize
 
 
-# ---------------------------------------------------------------------------------------------
-# Loss: the model computes it (`Transformer.forward(..., labels=)`: the head only sees trained tokens).
+# ---- Loss: the model computes it (`Transformer.forward(..., labels=)`: the head only sees trained tokens).
 
 
 def loss_sum(model, tokens, labels, doc_ids) -> torch.Tensor:
@@ -353,19 +319,15 @@ def evaluate(model, split: corpus.Split, rows: corpus.Rows, cfg: TrainConfig, pa
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
 
 
-# ---------------------------------------------------------------------------------------------
-# Optimiser and schedule.
+# ---- Optimiser and schedule.
 
 
 def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: torch.device):
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.optim == "adamw":
         return torch.optim.AdamW(params, fused=device.type == "cuda", **kw)
-    if cfg.optim in ("adamw_8bit", "paged_adamw_8bit"):
-        import bitsandbytes as bnb  # paged falls back to unpaged memory off CUDA
-        cls = bnb.optim.PagedAdamW8bit if cfg.optim == "paged_adamw_8bit" else bnb.optim.AdamW8bit
-        return cls(params, **kw)
-    raise UserError(f"--optim {cfg.optim}: expected adamw, adamw_8bit or paged_adamw_8bit")
+    import bitsandbytes as bnb  # paged falls back to unpaged memory off CUDA
+    return (bnb.optim.PagedAdamW8bit if cfg.optim == "paged_adamw_8bit" else bnb.optim.AdamW8bit)(params, **kw)
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -378,13 +340,10 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
         return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
     if cfg.schedule == "linear":
         return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 - progress)
-    if cfg.schedule == "constant":
-        return cfg.lr
-    raise UserError(f"--schedule {cfg.schedule}: expected cosine, linear or constant")
+    return cfg.lr  # constant
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: trainable weights + optimizer + RNG + position, written to a temp dir then renamed,
+# ---- Checkpoints: trainable weights + optimizer + RNG + position, written to a temp dir then renamed,
 # so a crash at any moment leaves the previous checkpoint intact.
 
 
@@ -517,8 +476,7 @@ def list_checkpoints(out: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if (p / "state.pt").exists())
 
 
-# ---------------------------------------------------------------------------------------------
-# Generation-based eval (the demo's before/after exact match).
+# ---- Generation-based eval (the demo's before/after exact match).
 
 
 def read_gen_eval(path: str) -> list[tuple[list[dict], str]]:
@@ -542,22 +500,7 @@ def exact_match(model, tokenizer, items, template: str, device, max_new_tokens: 
     return score, answers
 
 
-# ---------------------------------------------------------------------------------------------
-# Training loop.
-
-
-def fmt_mem(device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated() / 2**30:.1f}GiB"
-    import resource
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f}GiB"  # Linux: KiB
-
-
-def peak_mem_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# ---- The output folder.
 
 
 PREPARED = ("data", "data_stats.json")
@@ -577,23 +520,18 @@ def check_out(cfg: TrainConfig) -> Path:
     return out
 
 
-def estimate_checkpoint_bytes(params: list[torch.nn.Parameter], cfg: TrainConfig) -> int:
-    """Trainable weights (fp32) plus AdamW's two moments (fp32, or ~1 byte each for the 8-bit optimizers)."""
-    n = sum(p.numel() for p in params)
-    return n * (4 + (2 if "8bit" in cfg.optim else 8)) + (1 << 20)
-
-
 def check_disk(out: Path, params: list[torch.nn.Parameter], cfg: TrainConfig) -> None:
-    need = estimate_checkpoint_bytes(params, cfg) * ((cfg.save_total_limit + 1) if cfg.save_every else 1)
+    """A checkpoint holds the trainable weights (fp32) and AdamW's two moments (fp32, ~1 byte each for 8-bit)."""
+    one = sum(p.numel() for p in params) * (4 + (2 if "8bit" in cfg.optim else 8)) + (1 << 20)
+    need = one * ((cfg.save_total_limit + 1) if cfg.save_every else 1)
     free = shutil.disk_usage(out if out.exists() else out.parent if out.parent.exists() else Path(".")).free
     if free < need:
         raise UserError(f"--out {out}: {free / 2**30:.2f} GiB free on disk, but {need / 2**30:.2f} GiB are needed "
-                        f"({cfg.save_total_limit} checkpoints of {estimate_checkpoint_bytes(params, cfg) / 2**30:.2f} GiB "
+                        f"({cfg.save_total_limit} checkpoints of {one / 2**30:.2f} GiB "
                         "plus the final adapter); free space, lower --save-total-limit or choose another --out")
 
 
-# ---------------------------------------------------------------------------------------------
-# Several processes (torchrun): full fine-tuning shards every block with FSDP2; LoRA/QLoRA replicate the
+# ---- Several processes (torchrun): full fine-tuning shards every block with FSDP2; LoRA/QLoRA replicate the
 # frozen base and all-reduce the adapters' gradients. Each optimizer step's rows are split across ranks,
 # and the loss is normalised by the trained-token count of the whole global batch, so N processes compute
 # exactly the gradient one process computes on the same global batch.
@@ -660,8 +598,7 @@ def full_state_model(model, dist_ctx: Dist):
     return plain
 
 
-# ---------------------------------------------------------------------------------------------
-# The loop.
+# ---- The pipeline: train() runs these stages in order.
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -681,20 +618,76 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
-    say = dist_ctx.say
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    device, dtype = resolve_device_dtype(cfg)
-    if cfg.template not in TEMPLATES:
-        raise UserError(f"--template {cfg.template}: expected one of {', '.join(TEMPLATES)}")
+    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype, cfg.ckpt)
     out = check_out(cfg)
+    data = load_data(cfg, out, dist_ctx)  # first: bad rows fail in seconds, before the model loads
+    if cfg.prepare_data:
+        if dist_ctx.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "data_stats.json").write_text(json.dumps(data.stats, indent=2))
+            dist_ctx.say(f"data prepared in {data.folder}; train with the same flags and --out {out} (it is reused), "
+                         f"or pass --data {data.folder}", flush=True)
+        return {"data": data.stats}
+    t0 = time.time()
+    model, quantized = build_model(cfg, data.tokenizer, data.new_tokens, device, dtype,
+                                   load_progress() if dist_ctx.rank == 0 else None)
+    dist_ctx.say(f"model: loaded{' + NF4-quantized' if quantized else ''} in {time.time() - t0:.1f}s", flush=True)
+    if cfg.full and dist_ctx.world > 1:  # under torchrun, full fine-tuning shards every block (FSDP2)
+        shard_model(model, dist_ctx, device)
+    run = setup_run(cfg, out, data, model, quantized, device, dtype, dist_ctx)
+    gen_eval = read_gen_eval(cfg.gen_eval) if cfg.gen_eval and not dist_ctx.fsdp else None  # needs the whole model
+    before = exact_match(model, data.tokenizer, gen_eval, cfg.template, device) if gen_eval and run.step == 0 else None
 
-    # ---- data first (bad rows fail in seconds, before the model loads): the tokenized corpus on disk,
-    # memory-mapped; training keeps only row plans and builds each micro-batch when it is drawn
+    stop = {"signal": None}  # SIGINT/SIGTERM: finish the step, save a checkpoint, exit
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    metrics_f = open(out / "metrics.jsonl", "a") if dist_ctx.rank == 0 else None
+    model.train()
+    bad_steps, last, t_start = 0, {}, time.time()
+    try:
+        while run.step < run.total:
+            t_step = time.time()
+            lr = lr_at(run.step, run.total, cfg)
+            loss, grad_norm = train_step(cfg, model, run, data, step_rows(cfg, run, len(data.rows)), lr, device, dtype,
+                                         dist_ctx)
+            run.step += 1
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                bad_steps += 1
+                skip_step(cfg, run.step, lr, loss, grad_norm, bad_steps, metrics_f, dist_ctx)
+                continue
+            bad_steps = 0
+            last = log_eval_save(cfg, out, model, run, data, loss, grad_norm, lr, time.time() - t_step, t_start,
+                                 metrics_f, device, dist_ctx, stop)
+    finally:
+        if metrics_f:
+            metrics_f.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    return write_outputs(cfg, out, model, data, run.step, last, gen_eval, before, device, dist_ctx)
+
+
+@dataclass
+class Data:
+    """The corpus a run trains on: its splits (memory-mapped) and the row plans packing them."""
+    tokenizer: Tokenizer
+    new_tokens: list[str]
+    folder: Path
+    train: corpus.Split
+    val: corpus.Split | None
+    rows: corpus.Rows
+    val_rows: corpus.Rows | None
+    stats: dict
+
+
+def load_data(cfg: TrainConfig, out: Path, dist_ctx: Dist) -> Data:
+    """Tokenizer -> the prepared corpus on disk -> row plans; training builds each micro-batch when drawn."""
     tokenizer, new_tokens = load_tokenizer(cfg)
     folder, meta, splits = prepared_data(cfg, tokenizer, out, dist_ctx)
-    pad = tokenizer.eos_id
     train_split, val_split = splits["train"], splits.get("val")
     rows = corpus.make_rows(train_split, cfg.seq_len, cfg.packing)
     val_rows = corpus.make_rows(val_split, cfg.seq_len, cfg.packing) if val_split is not None else None
@@ -703,7 +696,6 @@ def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
     stats["packing_efficiency"] = round(int(train_split.offsets[-1]) / (len(rows) * cfg.seq_len), 4)
     stats["padding_fraction"] = round(1 - stats["packing_efficiency"], 4)
     stats["train_samples"], stats["val_samples"] = len(train_split), len(val_split) if val_split is not None else 0
-    n_tokens = int(train_split.offsets[-1])
     stats["corpus"] = str(folder)
     stats["corpus_key_sha256"] = hashlib.sha256(json.dumps(meta["key"], sort_keys=True).encode()).hexdigest()
     if cfg.resume and (out / "data_stats.json").exists():  # also a prepared folder given as --data
@@ -716,147 +708,159 @@ def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
         print_stats(stats)
         if cfg.show_samples:
             print(corpus.show_samples(train_split, tokenizer, cfg.show_samples, color=sys.stdout.isatty()), flush=True)
-    if cfg.prepare_data:
-        if dist_ctx.rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "data_stats.json").write_text(json.dumps(stats, indent=2))
-            say(f"data prepared in {folder}; train with the same flags and --out {out} (it is reused), "
-                f"or pass --data {folder}", flush=True)
-        return {"data": stats}
-    t0 = time.time()
-    model, quantized = build_model(cfg, tokenizer, new_tokens, device, dtype,
-                                   load_progress() if dist_ctx.rank == 0 else None)
-    say(f"model: loaded{' + NF4-quantized' if quantized else ''} in {time.time() - t0:.1f}s", flush=True)
-    if cfg.full and dist_ctx.world > 1:
-        shard_model(model, dist_ctx, device)
+    return Data(tokenizer, new_tokens, folder, train_split, val_split, rows, val_rows, stats)
 
-    # ---- optimiser and schedule; each optimizer step uses per_step rows, split across ranks
+
+@dataclass
+class Run:
+    """The optimisation state: trainable params, optimizer, the step reached and the schedule's length."""
+    params: list[torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    step: int
+    total: int  # optimizer steps
+    per_rank: int  # rows per optimizer step on each rank
+    per_step: int  # rows per optimizer step, all ranks
+    steps_per_epoch: int
+
+
+def setup_run(cfg: TrainConfig, out: Path, data: Data, model, quantized: bool, device: torch.device,
+              dtype: torch.dtype, dist_ctx: Dist) -> Run:
+    """Optimizer and schedule; OUT written (only now that every input is checked); resumed from its last checkpoint."""
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params) * (dist_ctx.world if dist_ctx.fsdp else 1)
     n_total = (sum(p.numel() for p in model.parameters()) * dist_ctx.world if dist_ctx.fsdp
                else lora.count_parameters(model)[1])  # an NF4 weight counts as its in * out values, not its bytes
-    say(f"trainable params: {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f}%)"
-        + (f"; {dist_ctx.world} processes" if dist_ctx.world > 1 else ""), flush=True)
+    dist_ctx.say(f"trainable params: {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f}%)"
+                 + (f"; {dist_ctx.world} processes" if dist_ctx.world > 1 else ""), flush=True)
     opt = make_optimizer(cfg, params, device)
-    if dist_ctx.rank == 0:  # everything checked: now OUT may be written
+    if dist_ctx.rank == 0:
         check_disk(out, params, cfg)
         if cfg.overwrite and not cfg.resume and out.exists():  # the previous run goes; the corpus in use stays
             for p in out.iterdir():
-                if p != folder:
+                if p != data.folder:
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
         out.mkdir(parents=True, exist_ok=True)
     dist_ctx.barrier()
     per_rank = cfg.batch_size * cfg.grad_accum
     per_step = per_rank * dist_ctx.world
-    steps_per_epoch = math.ceil(len(rows) / per_step)
+    steps_per_epoch = math.ceil(len(data.rows) / per_step)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    say("\n".join(summary_lines(cfg, model, quantized, device, dtype, stats, n_tokens, total, per_step, out)), flush=True)
-
+    n_tokens = int(data.train.offsets[-1])
+    dist_ctx.say("\n".join(summary_lines(cfg, model, quantized, device, dtype, data.stats, n_tokens, total, per_step,
+                                         out)), flush=True)
     step = 0
     if cfg.resume and list_checkpoints(out):
         ck = out / f"checkpoint-{list_checkpoints(out)[-1]}"
         step = load_checkpoint(ck, model, opt, dist_ctx)
-        say(f"resumed from {ck} at step {step}", flush=True)
+        dist_ctx.say(f"resumed from {ck} at step {step}", flush=True)
     if dist_ctx.rank == 0:
         if cfg.resume and (out / "metrics.jsonl").exists():  # drop lines logged after the checkpoint
             kept = [ln for ln in (out / "metrics.jsonl").read_text().splitlines() if json.loads(ln)["step"] <= step]
             (out / "metrics.jsonl").write_text("".join(ln + "\n" for ln in kept))
         (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        (out / "data_stats.json").write_text(json.dumps(stats, indent=2))
+        (out / "data_stats.json").write_text(json.dumps(data.stats, indent=2))
+    return Run(params, opt, step, total, per_rank, per_step, steps_per_epoch)
 
-    gen_eval = bool(cfg.gen_eval) and not dist_ctx.fsdp  # generation needs the whole model in one process
-    before = None
-    if gen_eval and step == 0:
-        before = exact_match(model, tokenizer, read_gen_eval(cfg.gen_eval), cfg.template, device)
 
-    # ---- loop: step k takes rows [k*per_step, (k+1)*per_step) of its epoch's permutation
-    stop = {"signal": None}
+@functools.lru_cache(maxsize=1)
+def epoch_order(n_rows: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed))
 
-    def on_signal(signum, frame):  # finish the step, save a checkpoint, exit
-        stop["signal"] = signum
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+def step_rows(cfg: TrainConfig, run: Run, n_rows: int) -> torch.Tensor:
+    """The rows of optimizer step run.step (all ranks): [k*per_step, (k+1)*per_step) of its epoch's permutation."""
+    epoch, pos = divmod(run.step * run.per_step, run.steps_per_epoch * run.per_step)
+    perm = epoch_order(n_rows, cfg.seed + epoch)
+    idx = perm[pos: pos + run.per_step]
+    if len(idx) < run.per_step:  # the epoch's last step wraps around (as DistributedSampler pads), so every
+        idx = torch.cat([idx, perm[: run.per_step - len(idx)]])  # rank runs the same micro-batches
+    return idx
+
+
+def train_step(cfg: TrainConfig, model, run: Run, data: Data, idx: torch.Tensor, lr: float, device: torch.device,
+               dtype: torch.dtype, dist_ctx: Dist) -> tuple[float, float]:
+    """One optimizer step over rows idx (this rank takes its share): (loss, gradient norm). The loss is normalised
+    by the trained tokens of the whole global batch. A non-finite step is not applied."""
+    n_target = int(data.rows.targets[idx.numpy()].sum())  # over the global batch, on every rank
+    mine = idx[dist_ctx.rank * run.per_rank: (dist_ctx.rank + 1) * run.per_rank]
+    for g in run.opt.param_groups:
+        g["lr"] = lr
     autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32 \
         else torch.autocast(device.type, enabled=False)
-    metrics_f = open(out / "metrics.jsonl", "a") if dist_ctx.rank == 0 else None
-    model.train()
-    bad_steps, last, t_start, perm_of = 0, {}, time.time(), {}
-    try:
-        while step < total:
-            t_step = time.time()
-            epoch, pos = divmod(step * per_step, steps_per_epoch * per_step)
-            if epoch not in perm_of:
-                perm_of = {epoch: torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed + epoch))}
-            perm = perm_of[epoch]
-            idx = perm[pos: pos + per_step]
-            if len(idx) < per_step:  # the epoch's last step wraps around (as DistributedSampler pads), so every
-                idx = torch.cat([idx, perm[: per_step - len(idx)]])  # rank runs the same micro-batches
-            n_target = int(rows.targets[idx.numpy()].sum())  # over the global batch, on every rank
-            mine = idx[dist_ctx.rank * per_rank: (dist_ctx.rank + 1) * per_rank]
-            lr = lr_at(step, total, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            loss_total = torch.zeros((), device=device)
-            for m in range(0, len(mine), cfg.batch_size):
-                b = draw(train_split, rows, mine[m: m + cfg.batch_size].numpy(), cfg, pad, device)
-                with autocast:
-                    loss = loss_sum(model, b["tokens"], b["labels"], b["doc_ids"]) / max(n_target, 1)
-                # FSDP averages gradients over ranks; our loss is already normalised over the global batch
-                (loss * dist_ctx.world if dist_ctx.fsdp else loss).backward()
-                loss_total += loss.detach()
-            if dist_ctx.world > 1:
-                torch.distributed.all_reduce(loss_total)
-                if not dist_ctx.fsdp:
-                    all_reduce_grads(params)
-            loss_total = loss_total.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-            if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
-                bad_steps += 1
-                opt.zero_grad(set_to_none=True)
-                if metrics_f:
-                    metrics_f.write(json.dumps({"step": step + 1, "skipped": "non-finite loss or gradient",
-                                                "loss": None, "lr": lr}) + "\n")
-                    metrics_f.flush()
-                say(f"\nstep {step + 1}: non-finite loss/gradient ({loss_total}, {grad_norm}); step skipped "
-                    f"({bad_steps}/{cfg.max_bad_steps} in a row)", flush=True)
-                if bad_steps >= cfg.max_bad_steps:
-                    raise UserError(f"{bad_steps} non-finite steps in a row at step {step + 1}: the run diverged. "
-                                    "Lower --lr, use fp32/bf16 instead of fp16, or check the data.")
-                step += 1
-                continue
-            bad_steps = 0
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            dt = time.time() - t_step
-            last = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": round(loss_total, 6), "lr": lr,
-                    "grad_norm": round(grad_norm, 6), "tokens_per_s": round(len(idx) * cfg.seq_len / dt, 1),
-                    "peak_mem_mb": round(peak_mem_mb(device), 1)}
-            if val_rows is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
-                last.update(evaluate(model, val_split, val_rows, cfg, pad, device))
-            if metrics_f and (step % cfg.log_every == 0 or step == total or "eval_loss" in last):
-                metrics_f.write(json.dumps(last) + "\n")
-                metrics_f.flush()
-                eta = (time.time() - t_start) / max(step, 1) * (total - step)
-                ev = f" eval {last['eval_loss']:.4f}" if "eval_loss" in last else ""
-                tty = sys.stdout.isatty()
-                end = "\n" if (not tty or step == total or ev) else ""
-                print(f"{chr(13) if tty else ''}step {step}/{total} loss {loss_total:.4f}{ev} lr {lr:.2e} "
-                      f"{last['tokens_per_s']:.0f} tok/s ETA {eta:.0f}s mem {fmt_mem(device)}   ", end=end, flush=True)
-            if (cfg.save_every and step % cfg.save_every == 0) or stop["signal"]:
-                save_checkpoint(out, step, model, opt, cfg.save_total_limit, dist_ctx)
-            if stop["signal"]:
-                say(f"\nstopped by signal {stop['signal']} at step {step}; checkpoint saved, --resume continues",
-                    flush=True)
-                raise SystemExit(130)
-    finally:
-        if metrics_f:
-            metrics_f.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
+    loss_total = torch.zeros((), device=device)
+    for m in range(0, len(mine), cfg.batch_size):
+        b = draw(data.train, data.rows, mine[m: m + cfg.batch_size].numpy(), cfg, data.tokenizer.eos_id, device)
+        with autocast:
+            loss = loss_sum(model, b["tokens"], b["labels"], b["doc_ids"]) / max(n_target, 1)
+        # FSDP averages gradients over ranks; our loss is already normalised over the global batch
+        (loss * dist_ctx.world if dist_ctx.fsdp else loss).backward()
+        loss_total += loss.detach()
+    if dist_ctx.world > 1:
+        torch.distributed.all_reduce(loss_total)
+        if not dist_ctx.fsdp:
+            all_reduce_grads(run.params)
+    loss_total = loss_total.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    if math.isfinite(loss_total) and math.isfinite(grad_norm):
+        run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    return loss_total, grad_norm
 
-    # ---- outputs (rank 0)
-    result = {"steps": step, "final": last, "data": stats}
+
+def skip_step(cfg: TrainConfig, step: int, lr: float, loss: float, grad_norm: float, bad_steps: int, metrics_f,
+              dist_ctx: Dist) -> None:
+    """A non-finite step: logged as skipped; too many in a row end the run."""
+    if metrics_f:
+        metrics_f.write(json.dumps({"step": step, "skipped": "non-finite loss or gradient", "loss": None, "lr": lr}) + "\n")
+        metrics_f.flush()
+    dist_ctx.say(f"\nstep {step}: non-finite loss/gradient ({loss}, {grad_norm}); step skipped "
+                 f"({bad_steps}/{cfg.max_bad_steps} in a row)", flush=True)
+    if bad_steps >= cfg.max_bad_steps:
+        raise UserError(f"{bad_steps} non-finite steps in a row at step {step}: the run diverged. "
+                        "Lower --lr, use fp32/bf16 instead of fp16, or check the data.")
+
+
+def peak_mem_mb(device) -> float:
+    """Peak memory of this process: CUDA allocations on a GPU, else the peak resident set (Linux: in KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def log_eval_save(cfg: TrainConfig, out: Path, model, run: Run, data: Data, loss: float, grad_norm: float, lr: float,
+                  dt: float, t_start: float, metrics_f, device: torch.device, dist_ctx: Dist, stop: dict) -> dict:
+    """After step run.step: eval when due, a metrics line and the console line when due, a checkpoint when due
+    or when a signal asked to stop (then exit 130). Returns the step's metrics."""
+    step, total = run.step, run.total
+    last = {"step": step, "epoch": round(step / run.steps_per_epoch, 4), "loss": round(loss, 6), "lr": lr,
+            "grad_norm": round(grad_norm, 6), "tokens_per_s": round(run.per_step * cfg.seq_len / dt, 1),
+            "peak_mem_mb": round(peak_mem_mb(device), 1)}
+    if data.val_rows is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+        last.update(evaluate(model, data.val, data.val_rows, cfg, data.tokenizer.eos_id, device))
+    if metrics_f and (step % cfg.log_every == 0 or step == total or "eval_loss" in last):
+        metrics_f.write(json.dumps(last) + "\n")
+        metrics_f.flush()
+        eta = (time.time() - t_start) / max(step, 1) * (total - step)
+        ev = f" eval {last['eval_loss']:.4f}" if "eval_loss" in last else ""
+        tty = sys.stdout.isatty()
+        print(f"{chr(13) if tty else ''}step {step}/{total} loss {loss:.4f}{ev} lr {lr:.2e} {last['tokens_per_s']:.0f} "
+              f"tok/s ETA {eta:.0f}s mem {last['peak_mem_mb'] / 1024:.1f}GiB   ",
+              end="\n" if (not tty or step == total or ev) else "", flush=True)
+    if (cfg.save_every and step % cfg.save_every == 0) or stop["signal"]:
+        save_checkpoint(out, step, model, run.opt, cfg.save_total_limit, dist_ctx)
+    if stop["signal"]:
+        dist_ctx.say(f"\nstopped by signal {stop['signal']} at step {step}; checkpoint saved, --resume continues", flush=True)
+        raise SystemExit(130)
+    return last
+
+
+def write_outputs(cfg: TrainConfig, out: Path, model, data: Data, step: int, last: dict, gen_eval, before,
+                  device: torch.device, dist_ctx: Dist) -> dict:
+    """The adapter (or the full model), the gen-eval answers, the merged model, the loss curve, result.json."""
+    result = {"steps": step, "final": last, "data": data.stats}
+    tokenizer = data.tokenizer
     if cfg.full:
         plain = full_state_model(model, dist_ctx)
         if dist_ctx.rank == 0:
@@ -865,12 +869,11 @@ def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
         lora.save_adapter(model, out / "adapter")
         save_tokenizer_files(tokenizer, out / "adapter", cfg.template, model=False, max_length=model.args.max_seq_len)
     if gen_eval:
-        items = read_gen_eval(cfg.gen_eval)
-        after = exact_match(model, tokenizer, items, cfg.template, device)
+        after = exact_match(model, tokenizer, gen_eval, cfg.template, device)
         result["exact_match_before"] = before[0] if before else None
         result["exact_match_after"] = after[0]
         if dist_ctx.rank == 0:
-            print_gen_eval(items, before, after)
+            print_gen_eval(gen_eval, before, after)
     if cfg.merge and not cfg.full and dist_ctx.rank == 0:
         lora.merge_lora(model)
         save_model(model, out / "merged", layout=cfg.merge_layout, tokenizer=tokenizer, template=cfg.template)
@@ -881,6 +884,9 @@ def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
         print(f"done: {step} steps; outputs in {out}", flush=True)
     dist_ctx.barrier()
     return result
+
+
+# ---- What a run prints.
 
 
 def summary_lines(cfg: TrainConfig, model, quantized: bool, device: torch.device, dtype: torch.dtype, stats: dict,
@@ -962,23 +968,23 @@ def plot_loss(out: Path) -> None:
     plt.close(fig)
 
 
-# ---------------------------------------------------------------------------------------------
-# Chat with a base model + adapter.
+# ---- Chat with a base model + adapter.
 
 
-def chat(cfg: TrainConfig) -> None:
-    from llama.generate import chat_loop
-    device, dtype = resolve_device_dtype(cfg)
+def chat(cfg: TrainConfig, argv: list[str]) -> None:
+    """llama.generate's chat on the base model, NF4-quantized as --quant says, with --adapter on it; the template
+    is the adapter's run's unless --template is given."""
+    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype, cfg.ckpt)
     run_cfg = Path(cfg.adapter).parent / "run_config.json" if cfg.adapter else None
-    if run_cfg and run_cfg.exists() and "--template" not in sys.argv:
+    if run_cfg and run_cfg.exists() and not any(a == "--template" or a.startswith("--template=") for a in argv):
         cfg.template = json.loads(run_cfg.read_text())["template"]
     quantize = cfg.quant == "nf4" or (cfg.quant == "auto" and device.type == "cuda")
     hook = quant.quantize_on_load(compute_dtype=dtype) if quantize else None
-    model = load_model(cfg.ckpt, dtype=dtype, device=device, hook=hook, progress=load_progress())
-    tok_dir = Path(cfg.adapter) if cfg.adapter and (Path(cfg.adapter) / "tokenizer.model").exists() else None
-    tokenizer = Tokenizer(str((tok_dir / "tokenizer.model") if tok_dir else find_tokenizer(cfg.ckpt)))
-    if tokenizer.n_words > model.args.vocab_size:
-        resize_embeddings(model, tokenizer.n_words)
+    tok_dir = cfg.adapter if cfg.adapter and (Path(cfg.adapter) / "tokenizer.model").exists() else None
+    try:
+        model, tokenizer = load_chat_model(cfg.ckpt, cfg.template, device, dtype, tok_dir, hook, load_progress())
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if cfg.adapter:
         lora.load_adapter(model, cfg.adapter)
     chat_loop(model, tokenizer, cfg.template)
@@ -997,7 +1003,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg.ckpt = str(resolve_checkpoint(cfg.ckpt))  # a repo id becomes its snapshot in the Hugging Face hub cache
         if cfg.chat:
-            chat(cfg)
+            chat(cfg, argv)
         else:
             train(cfg)
     except (UserError, CheckpointError, DataError) as e:

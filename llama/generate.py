@@ -18,6 +18,7 @@ writes the new suffix, holding back while the text ends in an incomplete charact
 import argparse
 import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 
@@ -176,7 +177,41 @@ def chat_loop(model, tokenizer: Tokenizer, template: str, system: str | None = N
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Command line.
+# Command line (and the chat behind `train.py --chat`, which adds quantization and an adapter).
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_device_dtype(device: str, dtype: str, ckpt: str | Path) -> tuple[torch.device, torch.dtype]:
+    """--device and --dtype, "auto" resolved: the GPU when there is one; bf16 on CUDA, on CPU fp32 (exact, and fast
+    for small models) up to checkpoints of 2 GiB, then bf16 (in fp32, 7B's embeddings, head and activations
+    would double)."""
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if dtype == "auto":
+        size = sum(f.stat().st_size for f in Path(ckpt).glob("*") if f.suffix in (".pth", ".safetensors", ".bin"))
+        dtype = "bf16" if dev.type == "cuda" or size > 2 * 2**30 else "fp32"
+    return dev, DTYPES[dtype]
+
+
+def load_chat_model(ckpt: str | Path, template: str, device: torch.device, dtype: torch.dtype,
+                    tokenizer_dir: str | Path | None = None, hook=None, progress=None) -> tuple[torch.nn.Module, Tokenizer]:
+    """(model, tokenizer) for chatting in `template`. The tokenizer is the one in `tokenizer_dir` (an adapter's,
+    with the tokens its run added) or the checkpoint's; the embeddings grow to it. ValueError when the template
+    needs special tokens the tokenizer lacks. `hook` and `progress` go to load_model (train.py quantizes)."""
+    from .checkpoint import find_tokenizer, load_model
+    from .model import resize_embeddings
+    tok_path = find_tokenizer(tokenizer_dir or ckpt)
+    if tok_path is None:
+        raise ValueError(f"no tokenizer.model in {ckpt} or its parent folder")
+    tokenizer = Tokenizer(tok_path)  # reads added_tokens.json beside it
+    missing = [t for t in required_special_tokens(template) if t not in tokenizer.special_tokens]
+    if missing:
+        raise ValueError(f"--template {template} needs the special tokens {missing}, which {tok_path.parent} "
+                         "does not define (no added_tokens.json with them): was the model fine-tuned with it?")
+    model = load_model(ckpt, dtype=dtype, device=device, hook=hook, progress=progress)  # checks the vocabulary
+    if tokenizer.n_words > model.args.vocab_size:
+        resize_embeddings(model, tokenizer.n_words)
+    return model, tokenizer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -189,31 +224,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="auto: bfloat16 on a GPU, float32 on CPU")
+    p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                   help="auto: bf16 on a GPU; on CPU fp32, bf16 for checkpoints over 2 GiB")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import find_tokenizer, load_model, resolve_checkpoint  # the CLI needs the loader
+    from .checkpoint import resolve_checkpoint
 
     args = parse_args(argv)
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(args.seed)
     try:  # user errors (a wrong folder, a template the tokenizer cannot express) end with a message, not a trace
         ckpt = resolve_checkpoint(args.ckpt)  # a folder, or a repo id in the Hugging Face hub cache
-        tok_path = find_tokenizer(ckpt)
-        if tok_path is None:
-            raise ValueError(f"no tokenizer.model in {ckpt} or its parent folder")
-        tokenizer = Tokenizer(tok_path)  # reads added_tokens.json beside it
-        missing = [t for t in required_special_tokens(args.template) if t not in tokenizer.special_tokens]
-        if missing:
-            raise ValueError(f"--template {args.template} needs the special tokens {missing}, which {tok_path.parent} "
-                             "does not define (no added_tokens.json with them): was the model fine-tuned with it?")
-        model = load_model(ckpt, dtype=dtype, device=device)  # checks the vocabulary against the tokenizer
+        device, dtype = resolve_device_dtype(args.device, args.dtype, ckpt)
+        model, tokenizer = load_chat_model(ckpt, args.template, device, dtype)
         if args.prompt is None:
             chat_loop(model, tokenizer, args.template, args.system, args.max_new_tokens, args.temperature, args.top_p)
             return 0

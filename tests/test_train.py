@@ -1,5 +1,4 @@
 """train.py: data errors and filters, masks, packing isolation, learning in each mode, resume, the demo."""
-import dataclasses
 import json
 import math
 import re
@@ -12,6 +11,7 @@ import train
 from llama import ModelArgs, Tokenizer, Transformer, corpus
 from llama.chat import encode_chat
 from llama.data import DataError
+from llama.generate import resolve_device_dtype
 
 DEMO_TOK = train.DEMO / "tiny-llama" / "tokenizer.model"
 
@@ -171,13 +171,34 @@ def test_auto_dtype_is_bf16_on_cpu_only_for_big_checkpoints(tmp_path):
     """--dtype auto on CPU: fp32 for the small demo model, bf16 for a checkpoint over 2 GiB (7B is 13.5 GB),
     where fp32 would double the unquantized embeddings, head and activations."""
     cfg = train.TrainConfig(device="cpu")
-    assert train.resolve_device_dtype(cfg)[1] == torch.float32  # the bundled demo
+    assert resolve_device_dtype(cfg.device, cfg.dtype, cfg.ckpt)[1] == torch.float32  # the bundled demo
     with open(tmp_path / "consolidated.00.pth", "wb") as f:  # sparse: only its size is read
         f.truncate(3 * 2**30)
     (tmp_path / "params.json").write_text("{}")
     cfg = train.TrainConfig(ckpt=str(tmp_path), device="cpu")
-    assert train.resolve_device_dtype(cfg)[1] == torch.bfloat16
-    assert train.resolve_device_dtype(dataclasses.replace(cfg, dtype="fp32"))[1] == torch.float32
+    assert resolve_device_dtype(cfg.device, cfg.dtype, cfg.ckpt)[1] == torch.bfloat16
+    assert resolve_device_dtype("cpu", "fp32", cfg.ckpt)[1] == torch.float32
+
+
+def test_chat_uses_main_argv_and_the_runs_template(tmp_path, tiny_train_ckpt, monkeypatch, capsys):
+    """--chat hands the loaded model to llama.generate's chat loop; the template is the adapter's run's unless
+    main's own argv names one (sys.argv, here pytest's or a parent program's, is not looked at)."""
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    (tmp_path / "run" / "run_config.json").write_text(json.dumps({"template": "tulu"}))
+    seen = []
+    monkeypatch.setattr(train.lora, "load_adapter", lambda model, path: seen.append(("adapter", str(path))))
+    monkeypatch.setattr(train, "chat_loop", lambda model, tok, template: seen.append((template, model.args.dim)))
+    monkeypatch.setattr("sys.argv", ["train.py", "--template", "llama2"])
+    base = ["--chat", "--ckpt", str(tiny_train_ckpt), "--adapter", str(adapter), "--dtype", "bf16"]
+    assert train.main(base) == 0
+    assert train.main(base + ["--template", "oasst"]) == 0
+    assert train.main(base + ["--template=alpaca"]) == 0
+    assert seen == [("adapter", str(adapter)), ("tulu", 64)] + [("adapter", str(adapter)), ("oasst", 64)] + [
+        ("adapter", str(adapter)), ("alpaca", 64)]
+    # a template whose special tokens the tokenizer lacks: llama.generate's check, as a clear error (exit 2)
+    assert train.main(["--chat", "--ckpt", str(tiny_train_ckpt), "--template", "chatml"]) == 2
+    assert "error: --template chatml needs the special tokens" in capsys.readouterr().err
 
 
 # ---- learning in each mode, resume
