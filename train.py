@@ -730,8 +730,6 @@ def setup_run(cfg: TrainConfig, out: Path, data: Data, model, quantized: bool, d
     n_train = sum(p.numel() for p in params) * (dist_ctx.world if dist_ctx.fsdp else 1)
     n_total = (sum(p.numel() for p in model.parameters()) * dist_ctx.world if dist_ctx.fsdp
                else lora.count_parameters(model)[1])  # an NF4 weight counts as its in * out values, not its bytes
-    dist_ctx.say(f"trainable params: {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f}%)"
-                 + (f"; {dist_ctx.world} processes" if dist_ctx.world > 1 else ""), flush=True)
     opt = make_optimizer(cfg, params, device)
     if dist_ctx.rank == 0:
         check_disk(out, params, cfg)
@@ -747,7 +745,7 @@ def setup_run(cfg: TrainConfig, out: Path, data: Data, model, quantized: bool, d
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     n_tokens = int(data.train.offsets[-1])
     dist_ctx.say("\n".join(summary_lines(cfg, model, quantized, device, dtype, data.stats, n_tokens, total, per_step,
-                                         out)), flush=True)
+                                         out, (n_train, n_total), dist_ctx.world)), flush=True)
     step = 0
     if cfg.resume and list_checkpoints(out):
         ck = out / f"checkpoint-{list_checkpoints(out)[-1]}"
@@ -890,7 +888,8 @@ def write_outputs(cfg: TrainConfig, out: Path, model, data: Data, step: int, las
 
 
 def summary_lines(cfg: TrainConfig, model, quantized: bool, device: torch.device, dtype: torch.dtype, stats: dict,
-                  n_tokens: int, total: int, per_step: int, out: Path) -> list[str]:
+                  n_tokens: int, total: int, per_step: int, out: Path, trainable: tuple[int, int],
+                  world: int = 1) -> list[str]:
     """What this run is, in a few lines (the full config goes to OUT/run_config.json)."""
     from llama import Transformer
     with torch.device("meta"):  # the architecture's parameter count, whatever quantization did to the modules
@@ -908,7 +907,8 @@ def summary_lines(cfg: TrainConfig, model, quantized: bool, device: torch.device
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     steps_per_epoch = math.ceil(stats["rows"] / per_step)
     return [
-        f"run: {mode}; {precision} on {device}",
+        f"run: {mode}; {precision} on {device}" + (f"; {world} processes" if world > 1 else ""),
+        f"  trainable params: {trainable[0]:,} of {trainable[1]:,} ({100 * trainable[0] / trainable[1]:.3f}%)",
         f"  model:  {cfg.ckpt} ({layout} layout, {_count(n_params)} parameters: {a.n_layers} layers, dim {a.dim}, "
         f"vocab {a.vocab_size}; {f'{disk / 1e9:.1f} GB' if disk >= 1e9 else f'{disk / 1e6:.1f} MB'} of weights)",
         f"  data:   {stats['train_samples']:,} samples, {n_tokens:,} tokens -> {stats['rows']:,} rows of {cfg.seq_len} "

@@ -31,7 +31,7 @@ def test_run_prints_a_short_summary_and_saves_the_full_config(tiny_train_ckpt, t
     n = 2 * vocab * dim + layers * (2 * dim * dim + 2 * dim * kv_dim + 3 * dim * hidden + 2 * dim) + dim
     assert summary["model"].startswith(f"  model:  {tiny_train_ckpt} (Meta layout, {n / 1e3:.1f}K parameters: 2 layers, dim 64")
     n_lora = layers * 16 * (2 * (dim + dim) + 2 * (dim + kv_dim) + 3 * (dim + hidden))  # r (in + out) per target
-    assert f"trainable params: {n_lora:,} of {n + n_lora:,} ({100 * n_lora / (n + n_lora):.3f}%)" in lines
+    assert f"  trainable params: {n_lora:,} of {n + n_lora:,} ({100 * n_lora / (n + n_lora):.3f}%)" in lines
     stats = json.loads((out / "data_stats.json").read_text())
     assert summary["data"] == (f"  data:   20 samples, {stats['total']['tokens']:,} tokens -> {stats['rows']} rows of 64 "
                                "tokens (packed)")  # the fixture writes 20 chats
