@@ -93,7 +93,7 @@ def bad_inputs(ckpt: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "missing params.json": (base(noparams), "params.json"),
         "shape disagrees": (base(badparams), "tok_embeddings.weight has shape (1024, 64), but the config implies (1024, 96)"),
         "missing folder": (base(tmp / "nope"), "nope"),
-        "tokenizer disagrees with embedding": (base(vocab), "has 1324 tokens, but the checkpoint in"),
+        "tokenizer disagrees with embedding": (base(vocab), "has 1324 tokens (300 from added_tokens.json), but the checkpoint in"),
         "bad json line": (base(ckpt, data), "d.jsonl:2"),
         "empty data": (base(ckpt, empty), "no training samples"),
         "unknown role": (base(ckpt, role), "role.jsonl:1: message 0 has unknown role 'wizard'"),
