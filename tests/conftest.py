@@ -13,6 +13,49 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# Text for the tiny SentencePiece models tests train: the chat templates' markers included, so they are pieces.
+SP_CORPUS = """The quick brown fox jumps over the lazy dog.
+Hello! How can I help you today? I can answer questions about history and geography.
+What is the capital of France? Paris is the capital of France. Two plus two is four.
+Write a short poem about the sea. The sea is wide and deep and blue.
+### Instruction: ### Response: ### Input: ### User: ### Assistant: ### System:
+<|user|> <|assistant|> <|system|> [INST] [/INST] <<SYS>> <</SYS>>
+Below is an instruction that describes a task. Write a response that appropriately completes the request.
+"""
+
+
+def train_sentencepiece(folder: Path, vocab_size: int = 400, byte_fallback: bool = True) -> Path:
+    """folder/tokenizer.model: a tiny Llama-like SentencePiece BPE model (identity normalizer, byte fallback,
+    bos 1, eos 2, no pad), trained on SP_CORPUS. Without byte_fallback (its 256 byte pieces) the vocabulary can
+    be smaller than 259."""
+    import io
+
+    import sentencepiece as spm
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SP_CORPUS.splitlines() * 10), model_writer=buf, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=byte_fallback, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        split_digits=True, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        minloglevel=2, hard_vocab_limit=False)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    path = Path(folder) / "tokenizer.model"
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def hf_to_meta_state_dict(hf, n_heads: int, n_kv_heads: int) -> dict[str, torch.Tensor]:
+    """A transformers Llama's weights in Meta's layout: Meta's names, wq/wk rows back in interleaved-pair order."""
+    from llama.checkpoint import hf_to_meta_key, unpermute_from_hf
+    sd = {}
+    for k, v in hf.state_dict().items():
+        name = hf_to_meta_key(k)
+        if name.endswith("attention.wq.weight"):
+            v = unpermute_from_hf(v, n_heads)
+        elif name.endswith("attention.wk.weight"):
+            v = unpermute_from_hf(v, n_kv_heads)
+        sd[name] = v.clone()
+    return sd
+
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked `cuda` (tests/test_gpu.py) need a CUDA GPU: without one they are skipped, with the reason."""

@@ -1,7 +1,6 @@
 """llama.checkpoint against transformers: Meta folders (1 and 2 model-parallel shards, split by Meta's rule)
 and HF folders (sharded or not) load to the same logits as LlamaForCausalLM; our HF export loads in
 transformers; the streaming hook, peak memory while loading, and the error messages."""
-import io
 import json
 import os
 import subprocess
@@ -9,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import sentencepiece as spm
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import hf_to_meta_state_dict, train_sentencepiece
 import llama.checkpoint as C
 from llama import ModelArgs, Transformer, load_model, save_model
 from llama.checkpoint import (CheckpointError, find_tokenizer, hf_to_meta_key, meta_to_hf_key, permute_for_hf,
@@ -51,16 +50,7 @@ def ref_logits(hf):
 
 
 def meta_state_dict(hf) -> dict[str, torch.Tensor]:
-    """The HF model's weights in Meta's layout (names, and wq/wk rows back in interleaved-pair order)."""
-    sd = {}
-    for k, v in hf.state_dict().items():
-        name = hf_to_meta_key(k)
-        if name.endswith("attention.wq.weight"):
-            v = unpermute_from_hf(v, HEADS)
-        elif name.endswith("attention.wk.weight"):
-            v = unpermute_from_hf(v, KV_HEADS)
-        sd[name] = v.clone()
-    return sd
+    return hf_to_meta_state_dict(hf, HEADS, KV_HEADS)
 
 
 def split_like_meta(sd: dict, n: int) -> list[dict]:
@@ -89,17 +79,6 @@ def write_meta(folder: Path, sd: dict, n_shards: int = 1, **params) -> Path:
 def logits(model, tokens=TOKENS):
     with torch.no_grad():
         return model(tokens)
-
-
-def train_sentencepiece(folder: Path, vocab_size: int = 100) -> Path:
-    buf = io.BytesIO()
-    text = ("the quick brown fox jumps over the lazy dog\nllamas eat grass in the high mountains\n"
-            "a packed batch holds several short documents\n") * 20
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), model_writer=buf, vocab_size=vocab_size,
-                                   model_type="bpe", minloglevel=2, hard_vocab_limit=False)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tokenizer.model").write_bytes(buf.getvalue())
-    return folder / "tokenizer.model"
 
 
 # ---- names and the q/k permutation
@@ -200,7 +179,7 @@ def test_hf_export_loads_in_transformers(tmp_path, max_shard_size):
 def test_meta_export_round_trip_and_tokenizer_copy(tmp_path, hf):
     sd = {k: (v[:128] if k in ("tok_embeddings.weight", "output.weight") else v) for k, v in meta_state_dict(hf).items()}
     ours = load_model(write_meta(tmp_path / "in", sd), dtype=torch.float32)
-    tok = train_sentencepiece(tmp_path / "tok", vocab_size=100)  # 100 pieces + 2 added tokens: fits 128 rows
+    tok = train_sentencepiece(tmp_path / "tok", vocab_size=100, byte_fallback=False)  # 100 pieces + 2 added tokens: fits 128 rows
     (tok.parent / "added_tokens.json").write_text(json.dumps({"<|im_start|>": 100, "<|im_end|>": 101}))
     save_model(ours, tmp_path / "out", layout="meta", tokenizer=tok)
     out = tmp_path / "out"
@@ -388,7 +367,7 @@ def test_errors_name_the_problem(tmp_path, hf):
 
 def test_tokenizer_must_fit_the_embedding(tmp_path, hf):
     sd = meta_state_dict(hf)
-    tok = train_sentencepiece(tmp_path / "parent", vocab_size=100)  # Meta's layout: tokenizer in the parent
+    tok = train_sentencepiece(tmp_path / "parent", vocab_size=100, byte_fallback=False)  # Meta's layout: tokenizer in the parent
     folder = write_meta(tmp_path / "parent" / "llama-tiny", sd)  # 256 rows for 100 tokens
     assert find_tokenizer(folder) == tok
     with pytest.raises(CheckpointError, match=r"tokenizer.model .*has 100 tokens.* 256 embedding rows"):

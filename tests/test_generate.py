@@ -4,34 +4,15 @@ import io
 import math
 
 import pytest
-import sentencepiece as spm
 import torch
 
+from conftest import train_sentencepiece
 import llama.generate as gen
 from llama.chat import encode_chat
 from llama.checkpoint import save_model
 from llama.generate import TextStream, generate, main, top_p_filter
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import Tokenizer
-
-CORPUS = """The quick brown fox jumps over the lazy dog.
-Hello! How can I help you today? What is the capital of France? Paris is the capital of France.
-[INST] [/INST] <<SYS>> <</SYS>> ### Instruction: ### Response: <|user|> <|assistant|>
-"""
-
-
-def train_sentencepiece(folder, vocab_size: int = 400):
-    """A tiny Llama-like SentencePiece BPE model (identity normalizer, byte fallback, bos 1, eos 2, no pad)."""
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS.splitlines() * 10), model_writer=buf, vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        split_digits=True, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        minloglevel=2, hard_vocab_limit=False)
-    path = folder / "tokenizer.model"
-    path.write_bytes(buf.getvalue())
-    return path
-
 
 def tiny_model(vocab_size: int, seed: int = 0, max_seq_len: int = 64) -> Transformer:
     torch.manual_seed(seed)

@@ -6,8 +6,9 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+from conftest import hf_to_meta_state_dict
 import llama.model as M
-from llama.checkpoint import hf_to_meta_key, permute_for_hf, unpermute_from_hf
+from llama.checkpoint import permute_for_hf, unpermute_from_hf
 from llama.model import ModelArgs, Transformer, apply_rope, head_ce, resize_embeddings, rope_tables
 
 DIM, LAYERS, HEADS, KV_HEADS, VOCAB, HIDDEN = 64, 2, 4, 2, 256, 192  # 192 = Meta's rule for dim 64, multiple_of 32
@@ -28,21 +29,9 @@ def hf_tiny(seed: int = 0) -> LlamaForCausalLM:
     return model
 
 
-def hf_to_meta_state_dict(hf: LlamaForCausalLM) -> dict[str, torch.Tensor]:
-    sd = {}
-    for k, v in hf.state_dict().items():
-        name = hf_to_meta_key(k)
-        if name.endswith("attention.wq.weight"):
-            v = unpermute_from_hf(v, HEADS)
-        elif name.endswith("attention.wk.weight"):
-            v = unpermute_from_hf(v, KV_HEADS)
-        sd[name] = v.clone()
-    return sd
-
-
 def ours_from(hf: LlamaForCausalLM) -> Transformer:
     model = Transformer(ModelArgs(**ARGS)).eval()
-    model.load_state_dict(hf_to_meta_state_dict(hf), strict=True)
+    model.load_state_dict(hf_to_meta_state_dict(hf, HEADS, KV_HEADS), strict=True)
     return model
 
 
@@ -208,7 +197,7 @@ def test_build_on_meta_then_assign(pair):
     hf, ours = pair
     with torch.device("meta"):
         model = Transformer(ModelArgs(**ARGS))
-    model.load_state_dict(hf_to_meta_state_dict(hf), strict=True, assign=True)
+    model.load_state_dict(hf_to_meta_state_dict(hf, HEADS, KV_HEADS), strict=True, assign=True)
     model.init_rope("cpu")
     tokens = torch.randint(0, VOCAB, (1, 12))
     with torch.no_grad():

@@ -6,7 +6,6 @@ as one literal string (from Meta's code, the ChatML spec, open-instruct's Tulu f
 layout, Stanford Alpaca's prompt) whose markers `<s>`, `</s>`, `<|im_start|>`, `<|im_end|>` become token ids
 and whose text in between goes through SentencePiece.
 """
-import io
 import json
 import re
 
@@ -14,32 +13,10 @@ import pytest
 import sentencepiece as spm
 import torch
 
+from conftest import train_sentencepiece
 from llama.chat import TEMPLATES, _encode_segments, encode_chat, required_special_tokens, stop_ids
 from llama.model import ModelArgs, Transformer, resize_embeddings
 from llama.tokenizer import Tokenizer
-
-CORPUS = """The quick brown fox jumps over the lazy dog.
-Hello! How can I help you today? I can answer questions about history and geography.
-What is the capital of France? Paris is the capital of France. Two plus two is four.
-Write a short poem about the sea. The sea is wide and deep and blue.
-### Instruction: ### Response: ### Input: ### User: ### Assistant: ### System:
-<|user|> <|assistant|> <|system|> [INST] [/INST] <<SYS>> <</SYS>>
-Below is an instruction that describes a task. Write a response that appropriately completes the request.
-"""
-
-
-def train_sentencepiece(folder, vocab_size: int = 400):
-    """A tiny Llama-like SentencePiece BPE model (identity normalizer, byte fallback, bos 1, eos 2, no pad)."""
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS.splitlines() * 10), model_writer=buf, vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        split_digits=True, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        minloglevel=2, hard_vocab_limit=False)
-    path = folder / "tokenizer.model"
-    path.write_bytes(buf.getvalue())
-    return path
-
 
 @pytest.fixture
 def tiny_tokenizer_path(tmp_path):
