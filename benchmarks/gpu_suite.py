@@ -314,22 +314,19 @@ def summary(suite: dict) -> str:
         if slow:
             lines.append("- slowest: " + ", ".join(f"`{x['test'].split('::')[-1]}` {x['time_s']:.0f}s" for x in slow))
 
-    n4 = st.get("nf4")
-    if n4:
-        lines += ["", "## NF4 kernels (`bench_nf4.py --quick`)", ""]
-        if n4["status"] != "passed":
-            lines.append(f"{n4['status']}: {n4.get('problem', '').splitlines()[0] if n4.get('problem') else ''}")
-        else:
-            lines += nf4_tables(n4["result"])
-    tr = st.get("train")
-    if tr:
-        lines += ["", "## Training step (`bench_train.py --quick`)", ""]
-        if tr["status"] != "passed":
-            lines.append(f"{tr['status']}: {tr.get('problem', '').splitlines()[0] if tr.get('problem') else ''}")
+    for name, title in (("nf4", "NF4 kernels (`bench_nf4.py --quick`)"), ("train", "Training step (`bench_train.py --quick`)")):
+        b = st.get(name)
+        if not b:
+            continue
+        lines += ["", f"## {title}", ""]
+        if b["status"] != "passed":
+            lines.append(f"{b['status']}: {b.get('problem', '').splitlines()[0] if b.get('problem') else ''}")
+        elif name == "nf4":
+            lines += nf4_tables(b["result"])
         else:
             sys.path.insert(0, str(BENCH))
             import bench_train
-            lines.append(bench_train.table(tr["result"]))
+            lines.append(bench_train.table(b["result"]))
     return "\n".join(lines) + "\n"
 
 
