@@ -623,6 +623,7 @@ def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
     np.random.seed(cfg.seed)
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype, cfg.ckpt)
     out = check_out(cfg)
+    dist_ctx.barrier()  # every rank has checked --out before rank 0 writes OUT/data into it
     data = load_data(cfg, out, dist_ctx)  # first: bad rows fail in seconds, before the model loads
     if cfg.prepare_data:
         if dist_ctx.rank == 0:
