@@ -50,7 +50,7 @@ import torch
 
 import lora
 import quant
-from llama import Tokenizer, corpus, load_model, save_model
+from llama import Tokenizer, Transformer, corpus, load_model, save_model
 from llama.chat import TEMPLATES, encode_chat, required_special_tokens, save_tokenizer_files, stop_ids
 from llama.checkpoint import CheckpointError, find_tokenizer, resolve_checkpoint
 from llama.data import DataError, read_dialogs
@@ -160,11 +160,6 @@ class UserError(Exception):
 # ---- Packing: samples -> rows of exactly seq_len tokens with labels and document ids.
 
 
-def sample_labels(ids: list[int], mask: list[bool]) -> list[int]:
-    """Next-token targets: label[i] = ids[i+1] where token i+1 is trained on, else -100."""
-    return [ids[i + 1] if mask[i + 1] else -100 for i in range(len(ids) - 1)] + [-100]
-
-
 def pack(samples: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int = 0,
          packing: bool = True) -> dict[str, torch.Tensor]:
     """Best-fit-decreasing bin packing of samples into rows of seq_len tokens (llama.corpus.pack_plan), all rows
@@ -175,9 +170,6 @@ def pack(samples: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int 
     split = corpus.split_from_samples(samples)
     rows = corpus.make_rows(split, seq_len, packing)
     return {k: torch.from_numpy(v) for k, v in corpus.build_batch(split, rows, range(len(rows)), seq_len, pad_id).items()}
-
-
-pad_each = functools.partial(pack, packing=False)
 
 
 def draw(split: corpus.Split, rows: corpus.Rows, which, cfg: TrainConfig, pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -203,20 +195,9 @@ def prepared_data(cfg: TrainConfig, tokenizer: Tokenizer, out: Path, dist_ctx: "
     when its key (data file contents, tokenizer, options) matches this run's, written first when there is
     none or, on a fresh run, when it differs; on --resume a difference is an error (the checkpoint trained
     on the old one)."""
-    if len(cfg.data) == 1 and corpus.is_prepared(Path(cfg.data[0])):
-        folder = Path(cfg.data[0])
-        meta, splits = corpus.open_corpus(folder, tokenizer)
-        key = meta["key"]
-        if key.get("template") != cfg.template:
-            raise UserError(f"prepared data {folder} was rendered with --template {key.get('template')}; "
-                            f"pass --template {key.get('template')} (this run has {cfg.template})")
-        if key.get("seq_len", 0) > cfg.seq_len:
-            raise UserError(f"prepared data {folder} holds samples of up to {key.get('seq_len')} tokens "
-                            f"(--seq-len {key.get('seq_len')}); pass --seq-len {key.get('seq_len')} or prepare it again")
-        dist_ctx.say(f"data: the prepared folder {folder}", flush=True)
-        return folder, meta, splits
-    folder = out / "data"
-    if dist_ctx.rank == 0:
+    given = len(cfg.data) == 1 and corpus.is_prepared(Path(cfg.data[0]))
+    folder = Path(cfg.data[0]) if given else out / "data"
+    if not given and dist_ctx.rank == 0:
         opts = data_options(cfg)
         key = corpus.corpus_key(cfg.data, tokenizer, opts)
         diff = corpus.key_difference(corpus.read_meta(folder)["key"], key) if corpus.is_prepared(folder) else None
@@ -233,6 +214,15 @@ def prepared_data(cfg: TrainConfig, tokenizer: Tokenizer, out: Path, dist_ctx: "
                   "training tokens)", flush=True)
     dist_ctx.barrier()
     meta, splits = corpus.open_corpus(folder, tokenizer)
+    if given:
+        template, seq_len = meta["key"].get("template"), meta["key"].get("seq_len", 0)
+        if template != cfg.template:
+            raise UserError(f"prepared data {folder} was rendered with --template {template}; "
+                            f"pass --template {template} (this run has {cfg.template})")
+        if seq_len > cfg.seq_len:
+            raise UserError(f"prepared data {folder} holds samples of up to {seq_len} tokens "
+                            f"(--seq-len {seq_len}); pass --seq-len {seq_len} or prepare it again")
+        dist_ctx.say(f"data: the prepared folder {folder}", flush=True)
     return folder, meta, splits
 
 
@@ -280,15 +270,10 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, new_tokens: list[str], d
                         f"(max_seq_len {model.args.max_seq_len} in {cfg.ckpt})")
     if new_tokens:  # the new rows must train and be saved with the adapter
         resize_embeddings(model, tokenizer.n_words)
-    if cfg.lima_dropout:
-        n = len(model.layers)
-        for i, block in enumerate(model.layers):
-            block.resid_dropout = cfg.lima_dropout * i / max(n - 1, 1)
+    for i, block in enumerate(model.layers):  # LIMA: residual dropout rising linearly with depth (0: none)
+        block.resid_dropout = cfg.lima_dropout * i / max(len(model.layers) - 1, 1)
     model.grad_checkpointing = cfg.grad_checkpointing
-    if cfg.full:
-        for p in model.parameters():
-            p.requires_grad_(True)
-    else:
+    if not cfg.full:  # (with --full every weight trains: load_model's parameters all require grad)
         extra = ("tok_embeddings", "output") if new_tokens else ()
         targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
         lora.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets,
@@ -309,13 +294,12 @@ def loss_sum(model, tokens, labels, doc_ids) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model, split: corpus.Split, rows: corpus.Rows, cfg: TrainConfig, pad_id: int, device) -> dict:
     model.eval()
-    total, count = 0.0, 0
+    total = 0.0
     for s in range(0, len(rows), cfg.batch_size):
         b = draw(split, rows, np.arange(s, min(s + cfg.batch_size, len(rows))), cfg, pad_id, device)
         total += loss_sum(model, b["tokens"], b["labels"], b["doc_ids"]).item()
-        count += int((b["labels"] != -100).sum())
     model.train()
-    loss = total / max(count, 1)
+    loss = total / max(int(rows.targets.sum()), 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
 
 
@@ -345,10 +329,6 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 # ---- Checkpoints: trainable weights + optimizer + RNG + position, written to a temp dir then renamed,
 # so a crash at any moment leaves the previous checkpoint intact.
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def rng_state() -> dict:
@@ -434,7 +414,8 @@ def save_checkpoint(out: Path, step: int, model, opt, keep: int, dist_ctx: "Dist
     if dist_ctx.rank == 0:
         state = {"step": step, "rng": rng_state()}
         if not dist_ctx.fsdp:
-            state.update(model=trainable_state(model), optimizer=opt.state_dict())
+            trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+            state.update(model=trainable, optimizer=opt.state_dict())
         with open(tmp / "state.pt", "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -493,8 +474,7 @@ def read_gen_eval(path: str) -> list[tuple[list[dict], str]]:
 @torch.no_grad()
 def exact_match(model, tokenizer, items, template: str, device, max_new_tokens: int = 48) -> tuple[float, list[str]]:
     prompts = [encode_chat(tokenizer, m, template, add_generation_prompt=True)[0] for m, _ in items]
-    outs = generate(model, prompts, max_new_tokens,
-                    stop_ids=stop_ids(tokenizer, template))
+    outs = generate(model, prompts, max_new_tokens, stop_ids=stop_ids(tokenizer, template))
     answers = [tokenizer.decode(o).strip() for o in outs]
     score = sum(a == want for a, (_, want) in zip(answers, items)) / max(len(items), 1)
     return score, answers
@@ -587,7 +567,6 @@ def full_state_model(model, dist_ctx: Dist):
     if not dist_ctx.fsdp:
         return model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from llama import Transformer
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist_ctx.rank != 0:
         return None
@@ -647,29 +626,29 @@ def _train(cfg: TrainConfig, dist_ctx: Dist) -> dict:
     def on_signal(signum, frame):
         stop["signal"] = signum
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    metrics_f = open(out / "metrics.jsonl", "a") if dist_ctx.rank == 0 else None
+    # line-buffered: each metrics line reaches the file as it is written
+    metrics_f = open(out / "metrics.jsonl", "a", buffering=1) if dist_ctx.rank == 0 else None
     model.train()
     bad_steps, last, t_start = 0, {}, time.time()
     try:
         while run.step < run.total:
             t_step = time.time()
             lr = lr_at(run.step, run.total, cfg)
-            loss, grad_norm = train_step(cfg, model, run, data, step_rows(cfg, run, len(data.rows)), lr, device, dtype,
-                                         dist_ctx)
+            loss, grad_norm = train_step(cfg, model, run, data, lr)
             run.step += 1
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 bad_steps += 1
-                skip_step(cfg, run.step, lr, loss, grad_norm, bad_steps, metrics_f, dist_ctx)
+                skip_step(cfg, run, lr, loss, grad_norm, bad_steps, metrics_f)
                 continue
             bad_steps = 0
-            last = log_eval_save(cfg, out, model, run, data, loss, grad_norm, lr, time.time() - t_step, t_start,
-                                 metrics_f, device, dist_ctx, stop)
+            dt = time.time() - t_step
+            last = log_eval_save(cfg, model, run, data, loss, grad_norm, lr, dt, t_start, metrics_f, stop)
     finally:
         if metrics_f:
             metrics_f.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
-    return write_outputs(cfg, out, model, data, run.step, last, gen_eval, before, device, dist_ctx)
+    return write_outputs(cfg, model, run, data, last, gen_eval, before)
 
 
 @dataclass
@@ -692,16 +671,15 @@ def load_data(cfg: TrainConfig, out: Path, dist_ctx: Dist) -> Data:
     train_split, val_split = splits["train"], splits.get("val")
     rows = corpus.make_rows(train_split, cfg.seq_len, cfg.packing)
     val_rows = corpus.make_rows(val_split, cfg.seq_len, cfg.packing) if val_split is not None else None
-    stats = json.loads(json.dumps(meta["stats"]))
-    stats["rows"] = len(rows)
-    stats["packing_efficiency"] = round(int(train_split.offsets[-1]) / (len(rows) * cfg.seq_len), 4)
-    stats["padding_fraction"] = round(1 - stats["packing_efficiency"], 4)
-    stats["train_samples"], stats["val_samples"] = len(train_split), len(val_split) if val_split is not None else 0
-    stats["corpus"] = str(folder)
-    stats["corpus_key_sha256"] = hashlib.sha256(json.dumps(meta["key"], sort_keys=True).encode()).hexdigest()
+    efficiency = round(int(train_split.offsets[-1]) / (len(rows) * cfg.seq_len), 4)
+    key_sha = hashlib.sha256(json.dumps(meta["key"], sort_keys=True).encode()).hexdigest()
+    stats = {**meta["stats"], "rows": len(rows), "packing_efficiency": efficiency,
+             "padding_fraction": round(1 - efficiency, 4), "train_samples": len(train_split),
+             "val_samples": len(val_split) if val_split is not None else 0, "corpus": str(folder),
+             "corpus_key_sha256": key_sha}
     if cfg.resume and (out / "data_stats.json").exists():  # also a prepared folder given as --data
         trained_on = json.loads((out / "data_stats.json").read_text()).get("corpus_key_sha256")
-        if trained_on not in (None, stats["corpus_key_sha256"]):
+        if trained_on not in (None, key_sha):
             raise UserError(f"--resume: the corpus {folder} is not the one {out} trained on (its meta.json key "
                             "differs from the one recorded in data_stats.json); resume with that corpus, or start "
                             "a new run")
@@ -714,23 +692,25 @@ def load_data(cfg: TrainConfig, out: Path, dist_ctx: Dist) -> Data:
 
 @dataclass
 class Run:
-    """The optimisation state: trainable params, optimizer, the step reached and the schedule's length."""
+    """Where a run writes and computes, and its optimisation state: trainable params, optimizer, the schedule's
+    length and the step reached."""
+    out: Path
+    device: torch.device
+    dtype: torch.dtype
+    dist: Dist
     params: list[torch.nn.Parameter]
     opt: torch.optim.Optimizer
-    step: int
-    total: int  # optimizer steps
     per_rank: int  # rows per optimizer step on each rank
     per_step: int  # rows per optimizer step, all ranks
     steps_per_epoch: int
+    total: int  # optimizer steps
+    step: int = 0
 
 
 def setup_run(cfg: TrainConfig, out: Path, data: Data, model, quantized: bool, device: torch.device,
               dtype: torch.dtype, dist_ctx: Dist) -> Run:
     """Optimizer and schedule; OUT written (only now that every input is checked); resumed from its last checkpoint."""
     params = [p for p in model.parameters() if p.requires_grad]
-    n_train = sum(p.numel() for p in params) * (dist_ctx.world if dist_ctx.fsdp else 1)
-    n_total = (sum(p.numel() for p in model.parameters()) * dist_ctx.world if dist_ctx.fsdp
-               else lora.count_parameters(model)[1])  # an NF4 weight counts as its in * out values, not its bytes
     opt = make_optimizer(cfg, params, device)
     if dist_ctx.rank == 0:
         check_disk(out, params, cfg)
@@ -744,21 +724,19 @@ def setup_run(cfg: TrainConfig, out: Path, data: Data, model, quantized: bool, d
     per_step = per_rank * dist_ctx.world
     steps_per_epoch = math.ceil(len(data.rows) / per_step)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    n_tokens = int(data.train.offsets[-1])
-    dist_ctx.say("\n".join(summary_lines(cfg, model, quantized, device, dtype, data.stats, n_tokens, total, per_step,
-                                         out, (n_train, n_total), dist_ctx.world)), flush=True)
-    step = 0
+    run = Run(out, device, dtype, dist_ctx, params, opt, per_rank, per_step, steps_per_epoch, total)
+    dist_ctx.say("\n".join(summary_lines(cfg, model, quantized, data, run)), flush=True)
     if cfg.resume and list_checkpoints(out):
         ck = out / f"checkpoint-{list_checkpoints(out)[-1]}"
-        step = load_checkpoint(ck, model, opt, dist_ctx)
-        dist_ctx.say(f"resumed from {ck} at step {step}", flush=True)
+        run.step = load_checkpoint(ck, model, opt, dist_ctx)
+        dist_ctx.say(f"resumed from {ck} at step {run.step}", flush=True)
     if dist_ctx.rank == 0:
         if cfg.resume and (out / "metrics.jsonl").exists():  # drop lines logged after the checkpoint
-            kept = [ln for ln in (out / "metrics.jsonl").read_text().splitlines() if json.loads(ln)["step"] <= step]
+            kept = [ln for ln in (out / "metrics.jsonl").read_text().splitlines() if json.loads(ln)["step"] <= run.step]
             (out / "metrics.jsonl").write_text("".join(ln + "\n" for ln in kept))
         (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         (out / "data_stats.json").write_text(json.dumps(data.stats, indent=2))
-    return Run(params, opt, step, total, per_rank, per_step, steps_per_epoch)
+    return run
 
 
 @functools.lru_cache(maxsize=1)
@@ -776,15 +754,16 @@ def step_rows(cfg: TrainConfig, run: Run, n_rows: int) -> torch.Tensor:
     return idx
 
 
-def train_step(cfg: TrainConfig, model, run: Run, data: Data, idx: torch.Tensor, lr: float, device: torch.device,
-               dtype: torch.dtype, dist_ctx: Dist) -> tuple[float, float]:
-    """One optimizer step over rows idx (this rank takes its share): (loss, gradient norm). The loss is normalised
-    by the trained tokens of the whole global batch. A non-finite step is not applied."""
+def train_step(cfg: TrainConfig, model, run: Run, data: Data, lr: float) -> tuple[float, float]:
+    """One optimizer step over step run.step's rows (this rank takes its share): (loss, gradient norm). The loss is
+    normalised by the trained tokens of the whole global batch. A non-finite step is not applied."""
+    idx = step_rows(cfg, run, len(data.rows))
+    dist_ctx, device = run.dist, run.device
     n_target = int(data.rows.targets[idx.numpy()].sum())  # over the global batch, on every rank
     mine = idx[dist_ctx.rank * run.per_rank: (dist_ctx.rank + 1) * run.per_rank]
     for g in run.opt.param_groups:
         g["lr"] = lr
-    autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32 \
+    autocast = torch.autocast("cuda", dtype=run.dtype) if device.type == "cuda" and run.dtype != torch.float32 \
         else torch.autocast(device.type, enabled=False)
     loss_total = torch.zeros((), device=device)
     for m in range(0, len(mine), cfg.batch_size):
@@ -807,16 +786,15 @@ def train_step(cfg: TrainConfig, model, run: Run, data: Data, idx: torch.Tensor,
     return loss_total, grad_norm
 
 
-def skip_step(cfg: TrainConfig, step: int, lr: float, loss: float, grad_norm: float, bad_steps: int, metrics_f,
-              dist_ctx: Dist) -> None:
+def skip_step(cfg: TrainConfig, run: Run, lr: float, loss: float, grad_norm: float, bad_steps: int, metrics_f) -> None:
     """A non-finite step: logged as skipped; too many in a row end the run."""
     if metrics_f:
-        metrics_f.write(json.dumps({"step": step, "skipped": "non-finite loss or gradient", "loss": None, "lr": lr}) + "\n")
-        metrics_f.flush()
-    dist_ctx.say(f"\nstep {step}: non-finite loss/gradient ({loss}, {grad_norm}); step skipped "
+        metrics_f.write(json.dumps({"step": run.step, "skipped": "non-finite loss or gradient", "loss": None,
+                                    "lr": lr}) + "\n")
+    run.dist.say(f"\nstep {run.step}: non-finite loss/gradient ({loss}, {grad_norm}); step skipped "
                  f"({bad_steps}/{cfg.max_bad_steps} in a row)", flush=True)
     if bad_steps >= cfg.max_bad_steps:
-        raise UserError(f"{bad_steps} non-finite steps in a row at step {step}: the run diverged. "
+        raise UserError(f"{bad_steps} non-finite steps in a row at step {run.step}: the run diverged. "
                         "Lower --lr, use fp32/bf16 instead of fp16, or check the data.")
 
 
@@ -828,19 +806,18 @@ def peak_mem_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def log_eval_save(cfg: TrainConfig, out: Path, model, run: Run, data: Data, loss: float, grad_norm: float, lr: float,
-                  dt: float, t_start: float, metrics_f, device: torch.device, dist_ctx: Dist, stop: dict) -> dict:
+def log_eval_save(cfg: TrainConfig, model, run: Run, data: Data, loss: float, grad_norm: float, lr: float, dt: float,
+                  t_start: float, metrics_f, stop: dict) -> dict:
     """After step run.step: eval when due, a metrics line and the console line when due, a checkpoint when due
     or when a signal asked to stop (then exit 130). Returns the step's metrics."""
-    step, total = run.step, run.total
+    step, total, dist_ctx = run.step, run.total, run.dist
     last = {"step": step, "epoch": round(step / run.steps_per_epoch, 4), "loss": round(loss, 6), "lr": lr,
             "grad_norm": round(grad_norm, 6), "tokens_per_s": round(run.per_step * cfg.seq_len / dt, 1),
-            "peak_mem_mb": round(peak_mem_mb(device), 1)}
+            "peak_mem_mb": round(peak_mem_mb(run.device), 1)}
     if data.val_rows is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
-        last.update(evaluate(model, data.val, data.val_rows, cfg, data.tokenizer.eos_id, device))
+        last.update(evaluate(model, data.val, data.val_rows, cfg, data.tokenizer.eos_id, run.device))
     if metrics_f and (step % cfg.log_every == 0 or step == total or "eval_loss" in last):
         metrics_f.write(json.dumps(last) + "\n")
-        metrics_f.flush()
         eta = (time.time() - t_start) / max(step, 1) * (total - step)
         ev = f" eval {last['eval_loss']:.4f}" if "eval_loss" in last else ""
         tty = sys.stdout.isatty()
@@ -848,18 +825,17 @@ def log_eval_save(cfg: TrainConfig, out: Path, model, run: Run, data: Data, loss
               f"tok/s ETA {eta:.0f}s mem {last['peak_mem_mb'] / 1024:.1f}GiB   ",
               end="\n" if (not tty or step == total or ev) else "", flush=True)
     if (cfg.save_every and step % cfg.save_every == 0) or stop["signal"]:
-        save_checkpoint(out, step, model, run.opt, cfg.save_total_limit, dist_ctx)
+        save_checkpoint(run.out, step, model, run.opt, cfg.save_total_limit, dist_ctx)
     if stop["signal"]:
         dist_ctx.say(f"\nstopped by signal {stop['signal']} at step {step}; checkpoint saved, --resume continues", flush=True)
         raise SystemExit(130)
     return last
 
 
-def write_outputs(cfg: TrainConfig, out: Path, model, data: Data, step: int, last: dict, gen_eval, before,
-                  device: torch.device, dist_ctx: Dist) -> dict:
+def write_outputs(cfg: TrainConfig, model, run: Run, data: Data, last: dict, gen_eval, before) -> dict:
     """The adapter (or the full model), the gen-eval answers, the merged model, the loss curve, result.json."""
-    result = {"steps": step, "final": last, "data": data.stats}
-    tokenizer = data.tokenizer
+    out, dist_ctx, tokenizer = run.out, run.dist, data.tokenizer
+    result = {"steps": run.step, "final": last, "data": data.stats}
     if cfg.full:
         plain = full_state_model(model, dist_ctx)
         if dist_ctx.rank == 0:
@@ -868,9 +844,8 @@ def write_outputs(cfg: TrainConfig, out: Path, model, data: Data, step: int, las
         lora.save_adapter(model, out / "adapter")
         save_tokenizer_files(tokenizer, out / "adapter", cfg.template, model=False, max_length=model.args.max_seq_len)
     if gen_eval:
-        after = exact_match(model, tokenizer, gen_eval, cfg.template, device)
-        result["exact_match_before"] = before[0] if before else None
-        result["exact_match_after"] = after[0]
+        after = exact_match(model, tokenizer, gen_eval, cfg.template, run.device)
+        result.update(exact_match_before=before[0] if before else None, exact_match_after=after[0])
         if dist_ctx.rank == 0:
             print_gen_eval(gen_eval, before, after)
     if cfg.merge and not cfg.full and dist_ctx.rank == 0:
@@ -880,7 +855,7 @@ def write_outputs(cfg: TrainConfig, out: Path, model, data: Data, step: int, las
     if dist_ctx.rank == 0:
         plot_loss(out)
         (out / "result.json").write_text(json.dumps(result, indent=2))
-        print(f"done: {step} steps; outputs in {out}", flush=True)
+        print(f"done: {run.step} steps; outputs in {out}", flush=True)
     dist_ctx.barrier()
     return result
 
@@ -888,11 +863,8 @@ def write_outputs(cfg: TrainConfig, out: Path, model, data: Data, step: int, las
 # ---- What a run prints.
 
 
-def summary_lines(cfg: TrainConfig, model, quantized: bool, device: torch.device, dtype: torch.dtype, stats: dict,
-                  n_tokens: int, total: int, per_step: int, out: Path, trainable: tuple[int, int],
-                  world: int = 1) -> list[str]:
+def summary_lines(cfg: TrainConfig, model, quantized: bool, data: Data, run: Run) -> list[str]:
     """What this run is, in a few lines (the full config goes to OUT/run_config.json)."""
-    from llama import Transformer
     with torch.device("meta"):  # the architecture's parameter count, whatever quantization did to the modules
         n_params = sum(p.numel() for p in Transformer(model.args).parameters())
     a = model.args
@@ -905,16 +877,21 @@ def summary_lines(cfg: TrainConfig, model, quantized: bool, device: torch.device
         adapters = (f"LoRA r {cfg.lora_r}, alpha {cfg.lora_alpha:g}{', rsLoRA' if cfg.rslora else ''}, "
                     f"dropout {cfg.lora_dropout:g} on {cfg.lora_targets.replace(',', ', ')}")
         mode = f"QLoRA: NF4 base + {adapters}" if quantized else f"{adapters} (base not quantized)"
-    precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    steps_per_epoch = math.ceil(stats["rows"] / per_step)
+    if run.dist.fsdp:  # full fine-tuning (every weight trains), sharded: each rank holds a share of every weight
+        n_train = n_total = sum(p.numel() for p in model.parameters()) * run.dist.world
+    else:  # an NF4 weight counts as its in * out values, not its bytes
+        n_train, n_total = lora.count_parameters(model)
+    precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[run.dtype]
+    stats, n_tokens, out = data.stats, int(data.train.offsets[-1]), run.out
+    total, per_epoch, per_step = run.total, run.steps_per_epoch, run.per_step
     return [
-        f"run: {mode}; {precision} on {device}" + (f"; {world} processes" if world > 1 else ""),
-        f"  trainable params: {trainable[0]:,} of {trainable[1]:,} ({100 * trainable[0] / trainable[1]:.3f}%)",
+        f"run: {mode}; {precision} on {run.device}" + (f"; {run.dist.world} processes" if run.dist.world > 1 else ""),
+        f"  trainable params: {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f}%)",
         f"  model:  {cfg.ckpt} ({layout} layout, {_count(n_params)} parameters: {a.n_layers} layers, dim {a.dim}, "
         f"vocab {a.vocab_size}; {f'{disk / 1e9:.1f} GB' if disk >= 1e9 else f'{disk / 1e6:.1f} MB'} of weights)",
         f"  data:   {stats['train_samples']:,} samples, {n_tokens:,} tokens -> {stats['rows']:,} rows of {cfg.seq_len} "
         f"tokens{' (packed)' if cfg.packing else ''}" + (f"; {stats['val_samples']:,} held out" if stats["val_samples"] else ""),
-        f"  steps:  {total:,} ({total / steps_per_epoch:.3g} epochs of {steps_per_epoch:,} steps x {per_step:,} rows), "
+        f"  steps:  {total:,} ({total / per_epoch:.3g} epochs of {per_epoch:,} steps x {per_step:,} rows), "
         f"lr {cfg.lr:g} {cfg.schedule}",
         f"  output: {out} (full config in {out / 'run_config.json'})",
     ]
@@ -961,8 +938,7 @@ def plot_loss(out: Path) -> None:
     ev = [r for r in rows if "eval_loss" in r]
     if ev:
         ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="eval")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set(xlabel="step", ylabel="loss")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=100)

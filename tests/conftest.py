@@ -43,6 +43,11 @@ def train_sentencepiece(folder: Path, vocab_size: int = 400, byte_fallback: bool
     return path
 
 
+def sample_labels(ids: list[int], mask: list[bool]) -> list[int]:
+    """Next-token targets of one sample: label[i] = ids[i+1] where token i+1 is trained on, else -100."""
+    return [ids[i + 1] if mask[i + 1] else -100 for i in range(len(ids) - 1)] + [-100]
+
+
 def hf_to_meta_state_dict(hf, n_heads: int, n_kv_heads: int) -> dict[str, torch.Tensor]:
     """A transformers Llama's weights in Meta's layout: Meta's names, wq/wk rows back in interleaved-pair order."""
     from llama.checkpoint import hf_to_meta_key, unpermute_from_hf

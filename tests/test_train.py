@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import train
+from conftest import sample_labels
 from llama import ModelArgs, Tokenizer, Transformer, corpus
 from llama.chat import encode_chat
 from llama.data import DataError
@@ -106,7 +107,7 @@ def test_overlong_and_min_assistant_tokens(tmp_path, tok):
 
 def test_labels_only_on_assistant_tokens(tok):
     ids, mask = encode_chat(tok, CHAT["messages"], "llama2")
-    labels = train.sample_labels(ids, mask)
+    labels = sample_labels(ids, mask)
     trained = [ids[i + 1] for i, lab in enumerate(labels) if lab != -100]
     assert all(labels[i] == ids[i + 1] for i in range(len(ids) - 1) if labels[i] != -100)
     # what is trained on decodes to exactly the reply plus eos
@@ -161,7 +162,7 @@ def test_packed_loss_equals_token_weighted_loss_of_documents(tok):
         total, count = 0.0, 0
         for ids, mask in samples:
             logits = model(torch.tensor([ids]))[0]
-            labels = torch.tensor(train.sample_labels(ids, mask))
+            labels = torch.tensor(sample_labels(ids, mask))
             total += F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum").item()
             count += int((labels != -100).sum())
     assert n == count
