@@ -169,11 +169,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if m is None or ".." in str(path):
         raise CheckpointError(f"checkpoint folder {path} does not exist")
     org, name, revision = m[1], m[2], m[3] or "main"
-    repo_id, folder = f"{org}/{name}", f"models--{org}--{name}"
-    tried, partial = [], None
-    for cache in hub_cache_dirs():
-        repo = cache / folder
-        tried.append(str(repo))
+    repo_id, partial = f"{org}/{name}", None
+    repos = [cache / f"models--{org}--{name}" for cache in hub_cache_dirs()]
+    for repo in repos:
         if not repo.is_dir():
             continue
         ref = repo / "refs" / revision
@@ -181,12 +179,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
         snapshot = repo / "snapshots" / commit
         if snapshot.is_dir():
             return snapshot
-        if revision == "main" and not ref.exists():  # downloaded by commit only: one snapshot is unambiguous
-            snapshots = sorted((repo / "snapshots").glob("*")) if (repo / "snapshots").is_dir() else []
-            if len(snapshots) == 1:
-                return snapshots[0]
-        refs = sorted(f.name for f in (repo / "refs").glob("*")) if (repo / "refs").is_dir() else []
-        have = sorted(f.name for f in (repo / "snapshots").glob("*")) if (repo / "snapshots").is_dir() else []
+        snapshots = sorted((repo / "snapshots").glob("*"))  # (glob finds nothing in a missing folder)
+        if revision == "main" and not ref.exists() and len(snapshots) == 1:  # downloaded by commit only: unambiguous
+            return snapshots[0]
+        refs = sorted(f.name for f in (repo / "refs").glob("*"))
+        have = [s.name for s in snapshots]
         partial = partial or CheckpointError(
             f"checkpoint folder {path} does not exist; the Hugging Face hub cache has {repo}, but no snapshot for "
             f"revision {revision!r} in it (refs: {refs or 'none'}, snapshots: {have or 'none'}). Download it with "
@@ -194,7 +191,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if partial is not None:
         raise partial
     raise CheckpointError(f"checkpoint folder {path} does not exist, and {repo_id} is not in the Hugging Face hub "
-                          "cache either; looked for:\n" + "".join(f"  {t}\n" for t in tried)
+                          "cache either; looked for:\n" + "".join(f"  {r}\n" for r in repos)
                           + f"Download it with `huggingface-cli download {repo_id}` (the cache folder is $HF_HUB_CACHE, "
                           "else $HF_HOME/hub, else ~/.cache/huggingface/hub), or pass the checkpoint's folder")
 
@@ -205,10 +202,7 @@ def find_tokenizer(path: str | Path) -> Path | None:
     path = Path(path)
     if not path.exists() and _REPO_ID_RE.match(str(path)):
         path = resolve_checkpoint(path)
-    for p in (path / "tokenizer.model", path.parent / "tokenizer.model"):
-        if p.is_file():
-            return p
-    return None
+    return next((p for p in (path / "tokenizer.model", path.parent / "tokenizer.model") if p.is_file()), None)
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
@@ -270,20 +264,16 @@ def _check_shape(file: Path, name: str, found: torch.Size, expected: torch.Size)
         raise CheckpointError(f"{file}: tensor {name} has shape {tuple(found)}, but the config implies {tuple(expected)}")
 
 
-def _read_json(file: Path) -> dict:
+def _read_json(file: Path, required: Iterable[str] = ()) -> dict:
     try:
         cfg = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{file}: cannot be read as JSON ({e})") from e
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{file}: expected a JSON object")
-    return cfg
-
-
-def _require(cfg: dict, keys: Iterable[str], file: Path) -> None:
-    missing = [k for k in keys if k not in cfg]
-    if missing:
+    if missing := [k for k in required if k not in cfg]:
         raise CheckpointError(f"{file}: missing required key(s) {missing}")
+    return cfg
 
 
 # ---- Meta layout
@@ -297,14 +287,11 @@ def _torch_load(file: Path) -> dict[str, Tensor]:
 
 
 def _open_meta(path: Path):
-    params_file = path / "params.json"
-    params = _read_json(params_file)
-    _require(params, ("dim", "n_layers", "n_heads"), params_file)
+    params = _read_json(path / "params.json", required=("dim", "n_layers", "n_heads"))
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise CheckpointError(f"{path}: params.json but no consolidated.NN.pth weight files")
-    want = [path / f"consolidated.{i:02d}.pth" for i in range(len(files))]
-    if files != want:
+    if files != [path / f"consolidated.{i:02d}.pth" for i in range(len(files))]:
         raise CheckpointError(f"{path}: shard files {[f.name for f in files]} are not consolidated.00 .. "
                               f"{len(files) - 1:02d} (a model-parallel shard is missing or misnamed)")
     first = _torch_load(files[0])
@@ -315,8 +302,8 @@ def _open_meta(path: Path):
             raise CheckpointError(f"{f}: holds different tensors than {files[0].name} "
                                   f"(e.g. {sorted(other ^ keys)[:3]}): the shards are not from one checkpoint")
 
-    fields = ModelArgs.__dataclass_fields__
-    args = ModelArgs(**{k: v for k, v in params.items() if k in fields})  # other keys (e.g. Llama 3's) ignored
+    # other keys (e.g. Llama 3's) are ignored
+    args = ModelArgs(**{k: v for k, v in params.items() if k in ModelArgs.__dataclass_fields__})
     if args.vocab_size <= 0:
         if "tok_embeddings.weight" not in first:
             raise CheckpointError(f"{files[0]}: no tok_embeddings.weight, so vocab_size -1 cannot be resolved")
@@ -330,20 +317,18 @@ def _open_meta(path: Path):
                 parts = [s[name] for s in shards]
                 kind = name.split(".")[-2]
                 dim = 0 if kind in _COLUMN_PARALLEL else 1 if kind in _ROW_PARALLEL else None  # None: replicated
-                if dim is None or len(parts) == 1:
-                    parts = parts[:1]
-                    shape = parts[0].shape
-                elif len({p.shape for p in parts}) != 1:
+                if dim is None:  # replicated: shard 0 holds all of it
+                    parts, dim = parts[:1], 0
+                if len({p.shape for p in parts}) != 1:
                     raise CheckpointError(f"{path}: tensor {name} has different shapes across shards "
                                           f"{[tuple(p.shape) for p in parts]}")
-                else:
-                    shape = torch.Size(n * len(parts) if d == dim else n for d, n in enumerate(parts[0].shape))
+                shape = torch.Size(n * len(parts) if d == dim else n for d, n in enumerate(parts[0].shape))
                 _check_shape(path, name, shape, expected[name])
                 # Copy the shards straight into the merged tensor in the target dtype and device: no
                 # full-size temporary, and the result never aliases the memory-mapped file.
                 out = torch.empty(shape, dtype=dtype, device=device)
-                for i, part in enumerate(parts):
-                    (out if len(parts) == 1 else out.narrow(dim, i * part.shape[dim], part.shape[dim])).copy_(part)
+                for out_part, part in zip(out.chunk(len(parts), dim), parts):
+                    out_part.copy_(part)
                 del parts
                 yield name, out
             del shards  # unmaps the files: only this layer's pages were ever resident
@@ -361,8 +346,9 @@ def _safe_open(file: Path):
         raise CheckpointError(f"{file}: cannot be read as safetensors; truncated or corrupt? ({e})") from e
 
 
-def _hf_args(cfg: dict, file: Path) -> ModelArgs:
-    _require(cfg, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"), file)
+def _hf_args(file: Path) -> ModelArgs:
+    cfg = _read_json(file, required=("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                     "vocab_size"))
     if cfg.get("model_type", "llama") != "llama":
         raise CheckpointError(f"{file}: model_type {cfg['model_type']!r}, expected 'llama'")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}  # transformers 5 / 4
@@ -384,7 +370,7 @@ def _hf_args(cfg: dict, file: Path) -> ModelArgs:
 
 def _open_hf(path: Path):
     cfg_file = path / "config.json"
-    args = _hf_args(_read_json(cfg_file), cfg_file)
+    args = _hf_args(cfg_file)
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = _read_json(index).get("weight_map")
@@ -418,11 +404,9 @@ def _open_hf(path: Path):
 
     def stream(expected: dict[str, torch.Size], dtype: torch.dtype, device: torch.device):
         for group in _by_layer(list(expected)):
-            handles = {}
+            handles = {file: _safe_open(file) for file in {where[name][0] for name in group}}
             for name in group:
                 file, key = where[name]
-                if file not in handles:
-                    handles[file] = _safe_open(file)
                 t = handles[file].get_tensor(key)  # may be a view of the memory-mapped file
                 _check_shape(file, name, t.shape, expected[name])
                 out = torch.empty(t.shape, dtype=dtype, device=device)  # our own memory, in the target dtype
@@ -464,17 +448,12 @@ def _export_tensors(model: Transformer) -> dict[str, tuple[Callable[[], Tensor],
     "<module>.weight"; the functions are called one at a time while writing, so a quantized model is never
     dense all at once. Anything that is not a parameter of the Llama architecture (e.g. an unmerged LoRA)
     is an error."""
-    found: dict[str, Callable[[], Tensor]] = {}
-    quantized: list[str] = []
-    for mname, module in model.named_modules():
-        if any(mname.startswith(q + ".") for q in quantized):
-            continue
-        if callable(getattr(module, "dequantize", None)) and not isinstance(getattr(module, "weight", None), Tensor):
-            found[f"{mname}.weight"] = module.dequantize
-            quantized.append(mname)
-            continue
-        for pname, p in module.named_parameters(recurse=False):
-            found[f"{mname}.{pname}" if mname else pname] = p.detach
+    quantized = {name: m.dequantize for name, m in model.named_modules()
+                 if callable(getattr(m, "dequantize", None)) and not isinstance(getattr(m, "weight", None), Tensor)}
+    found = {f"{q}.weight": dequantize for q, dequantize in quantized.items()}
+    # every other parameter (a tied one under each of its names)
+    found.update({n: p.detach for n, p in model.named_parameters(remove_duplicate=False)
+                  if not any(n.startswith(q + ".") for q in quantized)})
     with torch.device("meta"):
         expected = {n: p.shape for n, p in Transformer(model.args).named_parameters()}
     if set(found) != set(expected):
@@ -496,13 +475,9 @@ def meta_params(args: ModelArgs) -> dict:
     **params), so max_seq_len must not appear and rope_theta only where it is not the default."""
     params = dict(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, multiple_of=args.multiple_of,
                   norm_eps=args.norm_eps, vocab_size=args.vocab_size)
-    if args.n_kv_heads != args.n_heads:  # Meta's 7B and 13B params.json have no n_kv_heads
-        params["n_kv_heads"] = args.n_kv_heads
-    if args.ffn_dim_multiplier is not None:
-        params["ffn_dim_multiplier"] = args.ffn_dim_multiplier
-    if args.rope_theta != 10000.0:
-        params["rope_theta"] = args.rope_theta
-    return params
+    # the rest only where not the default (Meta's 7B and 13B params.json have no n_kv_heads)
+    defaults = {"n_kv_heads": args.n_heads, "ffn_dim_multiplier": None, "rope_theta": 10000.0}
+    return params | {k: getattr(args, k) for k, default in defaults.items() if getattr(args, k) != default}
 
 
 def hf_config(args: ModelArgs, intermediate_size: int, dtype: torch.dtype) -> dict:
@@ -534,15 +509,8 @@ def save_model(model: Transformer, path: str | Path, layout: str = "meta",
     if template is not None and tokenizer is None:
         raise ValueError("save_model: a chat template is written with a tokenizer; pass tokenizer= too")
     path = Path(path)
-    tok_files: list[Path] = []
-    if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
-        tok = Path(tokenizer)
-        tok = tok / "tokenizer.model" if tok.is_dir() else tok
-        if not tok.is_file():
-            raise ValueError(f"save_model: tokenizer {tok} does not exist")
-        tok_files = [tok] + ([tok.parent / "added_tokens.json"] if (tok.parent / "added_tokens.json").is_file() else [])
-        if template is not None:
-            tokenizer, tok_files = Tokenizer(tok), []
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = Tokenizer(tokenizer)  # a missing file is an error that names it, before anything is written
 
     tensors = _export_tensors(model)
     dtype = model.tok_embeddings.weight.dtype
@@ -552,21 +520,17 @@ def save_model(model: Transformer, path: str | Path, layout: str = "meta",
     tmp.mkdir()
     try:
         if layout == "meta":
-            sd = {n: _materialize(n, get, shape, dtype) for n, (get, shape) in tensors.items()}
-            torch.save(sd, tmp / "consolidated.00.pth")
-            del sd
+            torch.save({n: _materialize(n, get, shape, dtype) for n, (get, shape) in tensors.items()},
+                       tmp / "consolidated.00.pth")
             (tmp / "params.json").write_text(json.dumps(meta_params(model.args), indent=2))
         else:
             hidden = tensors["layers.0.feed_forward.w1.weight"][1][0]
             (tmp / "config.json").write_text(json.dumps(hf_config(model.args, hidden, dtype), indent=2))
             _save_hf_weights(tensors, model.args, dtype, tmp, max_shard_size)
-        for f in tok_files:  # the SentencePiece file is tokenizer.model whatever its name was
-            shutil.copyfile(f, tmp / (f.name if f.name == "added_tokens.json" else "tokenizer.model"))
-        if isinstance(tokenizer, Tokenizer):
-            if template is None:
-                tokenizer.save(tmp)
-            else:
-                save_tokenizer_files(tokenizer, tmp, template, model=True, max_length=model.args.max_seq_len)
+        if template is not None:
+            save_tokenizer_files(tokenizer, tmp, template, model=True, max_length=model.args.max_seq_len)
+        elif tokenizer is not None:
+            tokenizer.save(tmp)
         if path.exists():  # a rename cannot replace a non-empty folder: move the old one aside first
             old = path.parent / f".{path.name}.old-{os.getpid()}"
             path.rename(old)
@@ -605,7 +569,6 @@ def _save_hf_weights(tensors: dict, args: ModelArgs, dtype: torch.dtype, folder:
             shard[meta_to_hf_key(name)] = t.contiguous()
         save_file(shard, str(folder / fname), metadata={"format": "pt"})
         weight_map.update({k: fname for k in shard})
-        del shard
     if len(plan) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

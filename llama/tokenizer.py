@@ -33,8 +33,7 @@ class Tokenizer:
     def __init__(self, path: str | Path):
         """`path` is a `tokenizer.model` file (or a folder holding one); an `added_tokens.json` beside it is read too."""
         path = Path(path)
-        if path.is_dir():
-            path = path / "tokenizer.model"
+        path = path / "tokenizer.model" if path.is_dir() else path
         if not path.is_file():
             raise ValueError(f"tokenizer: {path} does not exist (expected a SentencePiece tokenizer.model)")
         self.path = path
@@ -43,7 +42,6 @@ class Tokenizer:
         self.eos_id: int = self.sp.eos_id()
         self.pad_id: int = self.sp.pad_id()  # -1 for Llama 2: there is no pad token
         self.special_tokens: dict[str, int] = {}  # added tokens, {text: id}
-        self._id_to_special: dict[int, str] = {}
         self._pattern: re.Pattern | None = None
         if (path.parent / ADDED_TOKENS_FILE).exists():
             self._load_added(path.parent / ADDED_TOKENS_FILE)
@@ -75,7 +73,6 @@ class Tokenizer:
 
     def _register(self, token: str, i: int) -> None:
         self.special_tokens[token] = i
-        self._id_to_special[i] = token
         # Longest first, so that a token that is a prefix of another never wins the match.
         alternatives = sorted(self.special_tokens, key=len, reverse=True)
         self._pattern = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
@@ -88,10 +85,10 @@ class Tokenizer:
         if not isinstance(added, dict) or not all(isinstance(t, str) and isinstance(i, int) for t, i in added.items()):
             raise ValueError(f"{file}: expected a JSON object {{token: id}}")
         vocab = self.sp.vocab_size()
-        new = sorted((i, t) for t, i in added.items() if i >= vocab)
-        if [i for i, _ in new] != list(range(vocab, vocab + len(new))):
+        new = sorted(i for i in added.values() if i >= vocab)
+        if new != list(range(vocab, vocab + len(new))):
             raise ValueError(f"{file}: the ids of the added tokens must be {vocab}, {vocab + 1}, ... (right after the "
-                             f"{vocab} SentencePiece pieces of {self.path}), got {[i for i, _ in new]}")
+                             f"{vocab} SentencePiece pieces of {self.path}), got {new}")
         for t, i in added.items():
             if i < vocab and self._sp_id(t) != i:
                 raise ValueError(f"{file}: token {t!r} has id {i}, but piece {i} of {self.path} is "
@@ -115,13 +112,12 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         out, run = [], []  # run: SentencePiece ids waiting to be decoded together
-        n = self.n_words
+        n, special = self.n_words, {i: t for t, i in self.special_tokens.items()}
         for i in map(int, ids):
             if not 0 <= i < n:
                 raise ValueError(f"decode: token id {i} is outside the vocabulary [0, {n})")
-            if i in self._id_to_special:
-                out.append(self.sp.decode(run))
-                out.append(self._id_to_special[i])
+            if i in special:
+                out += [self.sp.decode(run), special[i]]
                 run = []
             else:
                 run.append(i)
@@ -182,21 +178,17 @@ def hf_tokenizer_json(tok: Tokenizer) -> dict | None:
     "identity" normalizer, a dummy prefix and no user-defined pieces (Llama 2's is one)."""
     sp = tok.sp
     model = _proto_fields(sp.serialized_model_proto())
-    # ModelProto: 1 pieces (each: 3 type, 4 = user-defined), 2 TrainerSpec (3 model_type, 2 = BPE; 35
-    # byte_fallback), 3 NormalizerSpec (1 name, 3 add_dummy_prefix, 4 remove_extra_whitespaces,
-    # 5 escape_whitespaces; all three default on)
+    # ModelProto: 1 pieces (each: 3 type: 1 normal (the default), 2 unknown, 3 control, 4 user-defined, 5 unused,
+    # 6 byte), 2 TrainerSpec (3 model_type, 2 = BPE; 35 byte_fallback), 3 NormalizerSpec (1 name,
+    # 3 add_dummy_prefix, 4 remove_extra_whitespaces, 5 escape_whitespaces; all three default on)
     trainer = dict(_proto_fields(next((v for f, v in model if f == 2), b"")))
     norm = dict(_proto_fields(next((v for f, v in model if f == 3), b"")))
-    user_defined = any(dict(_proto_fields(v)).get(3) == 4 for f, v in model if f == 1)
+    types = [dict(_proto_fields(v)).get(3, 1) for f, v in model if f == 1]
     if (trainer.get(3) != 2 or trainer.get(35) != 1 or norm.get(1, b"") != b"identity" or norm.get(3, 1) != 1
-            or norm.get(5, 1) != 1 or user_defined):
+            or norm.get(5, 1) != 1 or 4 in types):
         return None
-    n = sp.vocab_size()
-    kinds = [("control" if sp.is_control(i) else "unknown" if sp.is_unknown(i) else "byte" if sp.is_byte(i)
-              else "unused" if sp.is_unused(i) else "normal") for i in range(n)]
-    pieces = [sp.id_to_piece(i) for i in range(n)]
-    vocab = {p: i for i, p in enumerate(pieces)}
-    mergeable = {p: i for i, (k, p) in enumerate(zip(kinds, pieces)) if k == "normal"}
+    pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
+    mergeable = {p: i for i, (t, p) in enumerate(zip(types, pieces)) if t == 1}
     ranked = []
     for piece, i in mergeable.items():
         for k in range(1, len(piece)):
@@ -209,7 +201,7 @@ def hf_tokenizer_json(tok: Tokenizer) -> dict | None:
     if norm.get(4, 1):  # remove_extra_whitespaces: no leading or trailing spaces, runs of spaces collapse to one
         normalizers = [{"type": "Replace", "pattern": {"Regex": "\\A +| +\\z"}, "content": ""},
                        {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}] + normalizers
-    special = {i: p for i, (k, p) in enumerate(zip(kinds, pieces)) if k in ("control", "unknown")}
+    special = {i: p for i, (t, p) in enumerate(zip(types, pieces)) if t in (2, 3)}  # unknown and control
     special.update({i: t for t, i in tok.special_tokens.items()})
     bos = pieces[tok.bos_id]
     return {
@@ -230,5 +222,5 @@ def hf_tokenizer_json(tok: Tokenizer) -> dict | None:
             {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
         "model": {"type": "BPE", "dropout": None, "unk_token": pieces[sp.unk_id()], "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
-                  "vocab": vocab, "merges": [[r[4], r[5]] for r in ranked]},
+                  "vocab": {p: i for i, p in enumerate(pieces)}, "merges": [[r[4], r[5]] for r in ranked]},
     }
