@@ -877,10 +877,8 @@ def summary_lines(cfg: TrainConfig, model, quantized: bool, data: Data, run: Run
         adapters = (f"LoRA r {cfg.lora_r}, alpha {cfg.lora_alpha:g}{', rsLoRA' if cfg.rslora else ''}, "
                     f"dropout {cfg.lora_dropout:g} on {cfg.lora_targets.replace(',', ', ')}")
         mode = f"QLoRA: NF4 base + {adapters}" if quantized else f"{adapters} (base not quantized)"
-    if run.dist.fsdp:  # full fine-tuning (every weight trains), sharded: each rank holds a share of every weight
-        n_train = n_total = sum(p.numel() for p in model.parameters()) * run.dist.world
-    else:  # an NF4 weight counts as its in * out values, not its bytes
-        n_train, n_total = lora.count_parameters(model)
+    # an NF4 weight counts as its in * out values; an FSDP-sharded weight as its whole (a DTensor's numel is global)
+    n_train, n_total = lora.count_parameters(model)
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[run.dtype]
     stats, n_tokens, out = data.stats, int(data.train.offsets[-1]), run.out
     total, per_epoch, per_step = run.total, run.steps_per_epoch, run.per_step

@@ -28,13 +28,15 @@ def run(ckpt, out, nproc, batch, accum, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, cwd=train.ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    trainable = next(line for line in r.stdout.splitlines() if "trainable params" in line)
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()], trainable
 
 
 @pytest.mark.parametrize("mode", [[], ["--full"]], ids=["lora", "full-fsdp"])
 def test_two_processes_match_one(tmp_path, ckpt, mode):
-    one = run(ckpt, tmp_path / "one", 1, 2, 2, *mode)
-    two = run(ckpt, tmp_path / "two", 2, 2, 1, *mode)  # same global batch: 2 ranks x 2 rows
+    one, one_params = run(ckpt, tmp_path / "one", 1, 2, 2, *mode)
+    two, two_params = run(ckpt, tmp_path / "two", 2, 2, 1, *mode)  # same global batch: 2 ranks x 2 rows
+    assert one_params == two_params  # the whole model's counts, however it is sharded
     assert len(one) == len(two) == 4
     assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5, (one, two)
     assert one[-1] < one[0]
