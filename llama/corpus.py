@@ -19,7 +19,6 @@ every option that changes the arrays, so a rerun can tell whether the folder is 
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import heapq
 import json
@@ -31,7 +30,7 @@ import sys
 import time
 from bisect import bisect_left, insort
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import chain, islice
 from pathlib import Path
 
@@ -67,13 +66,10 @@ class DataOptions:
 # The key: what a prepared folder was made from.
 
 
-def file_sha256(path: Path, block: int = 1 << 20) -> str:
+def file_sha256(path: Path) -> str:
     """sha256 of the file's bytes, read in blocks (never the whole file in memory)."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while b := f.read(block):
-            h.update(b)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def tokenizer_sha256(tokenizer: Tokenizer) -> str:
@@ -89,15 +85,15 @@ def corpus_key(data: list[str], tokenizer: Tokenizer, opts: DataOptions) -> dict
     # (a changed row in between would go unseen): streamed sha256 runs at disk/memory speed, and the files
     # are hashed in threads (hashlib releases the GIL), so a sharded hub folder takes about its largest file.
     from concurrent.futures import ThreadPoolExecutor
-    specs = [(parse_data_spec(spec), data_files(parse_data_spec(spec)[0])) for spec in data]
-    with ThreadPoolExecutor(resolve_workers(0)) as ex:
-        hashes = [list(ex.map(file_sha256, files)) for _, files in specs]
     sources = []
-    for ((path, fraction), files), sha in zip(specs, hashes):
-        sources.append({"path": str(path), "fraction": fraction,
-                        "files": [{"name": f.name, "bytes": f.stat().st_size, "sha256": h} for f, h in zip(files, sha)]})
+    with ThreadPoolExecutor(resolve_workers(0)) as ex:
+        for path, fraction in map(parse_data_spec, data):
+            files = data_files(path)
+            hashes = ex.map(file_sha256, files)
+            sources.append({"path": str(path), "fraction": fraction, "files": [
+                {"name": f.name, "bytes": f.stat().st_size, "sha256": h} for f, h in zip(files, hashes)]})
     return {"version": VERSION, "sources": sources, "tokenizer_sha256": tokenizer_sha256(tokenizer),
-            **dataclasses.asdict(opts), "oasst_lang": list(opts.oasst_lang)}
+            **asdict(opts), "oasst_lang": list(opts.oasst_lang)}
 
 
 def key_difference(a: dict, b: dict) -> list[str]:
@@ -118,8 +114,7 @@ def _init_worker(tok_path: str, special: dict[str, int]) -> None:
     """Each worker loads the tokenizer once, with the caller's added tokens at the caller's ids."""
     tok = Tokenizer(tok_path)
     tok.add_special_tokens([t for t, _ in sorted(special.items(), key=lambda kv: kv[1])])
-    if tok.special_tokens != special:
-        raise RuntimeError(f"worker tokenizer has added tokens {tok.special_tokens}, expected {special}")
+    assert tok.special_tokens == special, f"worker tokenizer has added tokens {tok.special_tokens}, expected {special}"
     _worker["tok"] = tok
 
 
@@ -129,11 +124,9 @@ def _encode_chunk(chunk: list[dict], opts: DataOptions, tok: Tokenizer | None = 
     Returns the kept tokens of the chunk concatenated (ids, mask) and per dialog: kept length (0 when
     skipped), full length, status (0 kept, 1 overlong, 2 too few trained tokens), trained tokens, targets."""
     tok = tok or _worker["tok"]
-    ids_all: list[int] = []
-    mask_all: list[bool] = []
-    n = len(chunk)
-    kept, full, status = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int8)
-    trained, targets = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    ids_all, mask_all = [], []
+    kept, full, trained, targets = (np.zeros(len(chunk), np.int32) for _ in range(4))
+    status = np.zeros(len(chunk), np.int8)
     for k, d in enumerate(chunk):
         if "text" in d:  # plain language modelling: bos + text + eos, every token trained
             ids = tok.encode(d["text"], bos=True, eos=True)
@@ -160,12 +153,12 @@ def _encode_chunk(chunk: list[dict], opts: DataOptions, tok: Tokenizer | None = 
             "status": status, "trained": trained, "targets": targets}
 
 
-def _chunks(dialogs, on_group):
-    """Dialogs -> lists of at most CHUNK_ROWS dialogs or about CHUNK_CHARS characters; on_group(dialog) sees
-    each dialog in order (the group bookkeeping stays in the main process)."""
-    chunk, chars = [], 0
+def _chunks(dialogs, group_of: list[int]):
+    """Dialogs -> lists of at most CHUNK_ROWS dialogs or about CHUNK_CHARS characters; appends each dialog's
+    group, numbered by first appearance, to group_of (the group bookkeeping stays in the main process)."""
+    chunk, chars, numbers = [], 0, {}
     for d in dialogs:
-        on_group(d)
+        group_of.append(numbers.setdefault(d["group"], len(numbers)))
         chunk.append(d)
         chars += len(d["text"]) if "text" in d else sum(len(m.get("content") or "") for m in d["messages"])
         if len(chunk) >= CHUNK_ROWS or chars >= CHUNK_CHARS:
@@ -176,40 +169,31 @@ def _chunks(dialogs, on_group):
 
 
 def resolve_workers(workers: int) -> int:
+    """`workers`, or when 0 the cores this process may run on."""
     if workers > 0:
         return workers
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _tokenized(chunks, tokenizer: Tokenizer, opts: DataOptions, workers: int):
     """Encoded chunks in input order. With several workers, at most 2 per worker are in flight (memory
     stays bounded whatever the corpus size); a single chunk is encoded here without starting any."""
-    chunks = iter(chunks)
     head = list(islice(chunks, 2))
     if workers <= 1 or len(head) < 2:
-        for c in chain(head, chunks):
-            yield _encode_chunk(c, opts, tokenizer)
+        yield from (_encode_chunk(c, opts, tokenizer) for c in chain(head, chunks))
         return
     # fork where the platform has it (no re-import of the caller's modules); the functions are spawn-safe too
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer.path), dict(tokenizer.special_tokens))) as pool:
         pending = deque(pool.apply_async(_encode_chunk, (c, opts)) for c in head)
-        while True:
+        while pending:
             try:
-                while len(pending) < 2 * workers:
-                    c = next(chunks, None)
-                    if c is None:
-                        break
+                while len(pending) < 2 * workers and (c := next(chunks, None)) is not None:
                     pending.append(pool.apply_async(_encode_chunk, (c, opts)))
             except DataError:  # a bad row read later: the earlier rows' errors come first, as with one worker
                 while pending:
                     pending.popleft().get()
                 raise
-            if not pending:
-                return
             yield pending.popleft().get()
 
 
@@ -228,14 +212,13 @@ class _Progress:
     """One line rewritten in place on a terminal, a line every 10 s in a log; silent for work under 2 s."""
 
     def __init__(self, show: bool):
-        self.show, self.t0, self.last, self.tty = show, time.time(), time.time(), sys.stdout.isatty()
-        self.shown = False
+        self.show, self.tty, self.shown = show, sys.stdout.isatty(), False
+        self.t0 = self.last = time.time()
 
     def __call__(self, rows: int, tokens: int, done: bool = False) -> None:
         now = time.time()
-        if not self.show or (not done and now - self.last < (1 if self.tty else 10)) or (done and not self.shown):
-            return
-        if not done and now - self.t0 < 2:
+        due = now - self.last >= (1 if self.tty else 10) and now - self.t0 >= 2
+        if not self.show or not (self.shown if done else due):  # the last line only after a first one
             return
         self.last, self.shown = now, True
         dt = max(now - self.t0, 1e-9)
@@ -243,15 +226,22 @@ class _Progress:
               f"{tokens / dt / 1e6:.2f}M tokens/s, {dt:.0f}s   ", end="\n" if done or not self.tty else "", flush=True)
 
 
-def _empty_stats() -> dict:
-    return {"rows": 0, "accepted": 0, "val": 0, "skipped": {}, "truncated": 0, "tokens": 0, "trained_tokens": 0,
-            "min_tokens": None, "max_tokens": 0}
+def _starts(lengths) -> np.ndarray:
+    """[0, l0, l0 + l1, ...]: where each of the pieces of these lengths starts in their concatenation, then the end."""
+    return np.concatenate(([0], np.cumsum(lengths, dtype=np.int64)))
 
 
-def _finish_stats(s: dict) -> dict:
-    kept = s["accepted"] + s["val"]
-    s["mean_tokens"] = round(s["tokens"] / kept, 1) if kept else 0
-    return s
+def _stats(cat: dict, picked: np.ndarray, train: np.ndarray, val: np.ndarray) -> dict:
+    """meta.json's counts for the drawn samples `picked`, of which `train` and `val` were kept."""
+    skipped = np.bincount(cat["status"][picked], minlength=len(SKIP_REASONS) + 1)
+    both = np.concatenate([train, val])
+    kept = cat["kept"][both]
+    return {"rows": len(picked), "accepted": len(train), "val": len(val),
+            "skipped": {why: int(skipped[code]) for code, why in enumerate(SKIP_REASONS, 1) if skipped[code]},
+            "truncated": int((cat["full"][both] > kept).sum()), "tokens": int(kept.sum()),
+            "trained_tokens": int(cat["trained"][both].sum()),
+            "min_tokens": int(kept.min()) if len(both) else None, "max_tokens": int(kept.max(initial=0)),
+            "mean_tokens": round(int(kept.sum()) / len(both), 1) if len(both) else 0}
 
 
 def prepare_corpus(data: list[str], tokenizer: Tokenizer, dest: Path, opts: DataOptions, *, workers: int = 0,
@@ -278,98 +268,60 @@ def prepare_corpus(data: list[str], tokenizer: Tokenizer, dest: Path, opts: Data
 
 def _prepare(data, tokenizer, tmp: Path, opts: DataOptions, workers: int, progress: bool, key: dict) -> dict:
     # 1) every sample of every source, tokenized in file order, appended to flat temp files
-    per: dict[str, list] = {k: [] for k in ("kept", "full", "status", "trained", "targets", "group")}
+    per: dict[str, list] = {k: [] for k in ("kept", "full", "status", "trained", "targets")}
+    groups: list[list[int]] = []  # per source: each sample's group, numbered by first appearance
     show = _Progress(progress)
     rows = tokens = 0
     with open(tmp / "all_ids.bin", "wb") as fi, open(tmp / "all_mask.bin", "wb") as fm:
         for spec in data:
-            path, _ = parse_data_spec(spec)
-            groups: dict[str, int] = {}
-            group_of: list[int] = []
-
-            def on_group(d, groups=groups, group_of=group_of):
-                group_of.append(groups.setdefault(d["group"], len(groups)))
-
-            dialogs = read_dialogs(path, oasst_top_k=opts.oasst_top_k, oasst_lang=list(opts.oasst_lang) or None,
-                                   text_as_lm=opts.text_as_lm)
-            for r in _tokenized(_chunks(dialogs, on_group), tokenizer, opts, workers):
+            dialogs = read_dialogs(parse_data_spec(spec)[0], oasst_top_k=opts.oasst_top_k,
+                                   oasst_lang=list(opts.oasst_lang) or None, text_as_lm=opts.text_as_lm)
+            groups.append([])
+            for r in _tokenized(_chunks(dialogs, groups[-1]), tokenizer, opts, workers):
                 fi.write(r["ids"].tobytes())
                 fm.write(r["mask"].tobytes())
-                for k in ("kept", "full", "status", "trained", "targets"):
+                for k in per:
                     per[k].append(r[k])
-                rows += len(r["kept"])
-                tokens += len(r["ids"])
+                rows, tokens = rows + len(r["kept"]), tokens + len(r["ids"])
                 show(rows, tokens)
-            per["group"].append(np.array(group_of, np.int64))
     show(rows, tokens, done=True)
-    cat = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in per.items() if k != "group"}
-    start = np.zeros(len(cat["kept"]) + 1, np.int64)  # where each sample's kept tokens are in the temp files
-    np.cumsum(cat["kept"], out=start[1:])
+    cat = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in per.items()}
+    start = _starts(cat["kept"])  # where each sample's kept tokens are in the temp files
 
     # 2) per source: shuffle its groups (one Random(seed) across sources, in order), keep the fraction,
     # hold out the first groups until the val share is reached; samples keep their file order within a group
     rng = random.Random(opts.seed)
-    order = {"train": [], "val": []}
-    stats = {"files": {}}
+    drawn = []  # per source: (path, picked, train, val), the last three indices into cat
     first = 0
-    for s, spec in enumerate(data):
+    for spec, group in zip(data, groups):
         path, fraction = parse_data_spec(spec)
-        group = per["group"][s]  # group index of each of the source's samples, numbered by first appearance
-        n_groups = int(group.max()) + 1 if len(group) else 0
+        n_groups = max(group, default=-1) + 1
         perm = list(range(n_groups))
         rng.shuffle(perm)
-        chosen = np.array(perm[: max(1, round(n_groups * fraction))] if n_groups else perm, np.int64)
-        size = np.bincount(group, minlength=n_groups)
-        g_start = np.zeros(n_groups + 1, np.int64)
-        np.cumsum(size, out=g_start[1:])
-        by_group = np.argsort(group, kind="stable")  # samples of group g: by_group[g_start[g]:g_start[g + 1]]
-        lens = size[chosen]
-        ends = np.cumsum(lens)
-        at = np.repeat(g_start[chosen] - (ends - lens), lens) + np.arange(int(ends[-1]) if len(ends) else 0)
-        picked = first + by_group[at]  # the chosen groups' samples, group after group
+        chosen = np.array(perm[: max(1, round(n_groups * fraction))], np.int64)
+        place = np.full(n_groups, n_groups)  # a group's place in the draw; n_groups: not drawn
+        place[chosen] = np.arange(len(chosen))
+        sizes = np.bincount(group, minlength=n_groups)[chosen]
+        # the chosen groups' samples, group after group
+        picked = first + np.argsort(place[group], kind="stable")[: sizes.sum()]
         first += len(group)
         n_val = min(opts.max_val, int(len(picked) * opts.val_split))
-        in_val = np.repeat(ends - lens < n_val, lens)  # whole groups until n_val samples are held out
-        status = cat["status"][picked]
-        st = _empty_stats()
-        st["rows"] = len(picked)
-        for code, why in enumerate(SKIP_REASONS, 1):
-            if (k := int((status == code).sum())):
-                st["skipped"][why] = k
-        for split, sel in (("train", picked[(status == 0) & ~in_val]), ("val", picked[(status == 0) & in_val])):
-            if not len(sel):
-                continue
-            order[split].append(sel)
-            kept = cat["kept"][sel]
-            st["accepted" if split == "train" else "val"] += len(sel)
-            st["truncated"] += int((cat["full"][sel] > kept).sum())
-            st["tokens"] += int(kept.sum())
-            st["trained_tokens"] += int(cat["trained"][sel].sum())
-            st["min_tokens"] = int(kept.min()) if st["min_tokens"] is None else min(st["min_tokens"], int(kept.min()))
-            st["max_tokens"] = max(st["max_tokens"], int(kept.max()))
-        stats["files"][str(path)] = _finish_stats(st)
-    files = list(stats["files"].values())
-    total = {k: sum(f[k] for f in files) for k in ("rows", "accepted", "val", "truncated", "tokens", "trained_tokens")}
-    total["skipped"] = {}
-    for f in files:
-        for why, k in f["skipped"].items():
-            total["skipped"][why] = total["skipped"].get(why, 0) + k
-    mins = [f["min_tokens"] for f in files if f["min_tokens"] is not None]
-    total["min_tokens"], total["max_tokens"] = (min(mins) if mins else None), max((f["max_tokens"] for f in files), default=0)
-    stats["total"] = _finish_stats(total)
-    if not order["train"]:
+        in_val = np.repeat(np.cumsum(sizes) - sizes < n_val, sizes)  # whole groups until n_val samples held out
+        ok = cat["status"][picked] == 0
+        drawn.append((str(path), picked, picked[ok & ~in_val], picked[ok & in_val]))
+    stats = {"files": {path: _stats(cat, *d) for path, *d in drawn}}
+    picked, train, val = (np.concatenate([d[i] for d in drawn]) for i in (1, 2, 3))
+    stats["total"] = _stats(cat, picked, train, val)
+    if not len(train):
         raise DataError(f"no training samples left after filtering ({json.dumps(stats['files'])})")
 
     # 3) each split's arrays, gathered from the temp files in the chosen order, a block at a time
     splits = {}
     with open(tmp / "all_ids.bin", "rb") as fi, open(tmp / "all_mask.bin", "rb") as fm:
-        for name, parts in order.items():
-            if not parts:
+        for name, sel in (("train", train), ("val", val)):
+            if not len(sel):
                 continue
-            sel = np.concatenate(parts)
-            lens = cat["kept"][sel].astype(np.int64)
-            offsets = np.zeros(len(sel) + 1, np.int64)
-            np.cumsum(lens, out=offsets[1:])
+            offsets = _starts(cat["kept"][sel])
             d = tmp / name
             d.mkdir()
             with _write_npy(d / "ids.npy", np.int32, int(offsets[-1])) as oi, \
@@ -380,7 +332,7 @@ def _prepare(data, tokenizer, tmp: Path, opts: DataOptions, workers: int, progre
                     om.write(b"".join(os.pread(fm.fileno(), int(cat["kept"][i]), int(start[i])) for i in block))
             np.save(d / "offsets.npy", offsets)
             np.save(d / "targets.npy", cat["targets"][sel].astype(np.int32))
-            pack_rows, pack_samples = pack_plan(lens, opts.seq_len)
+            pack_rows, pack_samples = pack_plan(cat["kept"][sel], opts.seq_len)
             np.save(d / "pack_rows.npy", pack_rows)
             np.save(d / "pack_samples.npy", pack_samples)
             splits[name] = {"samples": len(sel), "tokens": int(offsets[-1]), "packed_rows": len(pack_rows) - 1,
@@ -423,16 +375,11 @@ def pack_plan(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray
                 del rows_with[old], rooms[j]
         row_of.append(r)
         if room > 0:
-            if room in rows_with:
-                heapq.heappush(rows_with[room], r)
-            else:
-                rows_with[room] = [r]
+            if room not in rows_with:
                 insort(rooms, room)
+            heapq.heappush(rows_with.setdefault(room, []), r)
     row_of_a = np.array(row_of, np.int64)
-    samples = order[np.argsort(row_of_a, kind="stable")]
-    starts = np.zeros(n_rows + 1, np.int64)
-    np.cumsum(np.bincount(row_of_a, minlength=n_rows), out=starts[1:])
-    return starts, samples.astype(np.int64)
+    return _starts(np.bincount(row_of_a, minlength=n_rows)), order[np.argsort(row_of_a, kind="stable")].astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -475,9 +422,7 @@ class Rows:
 
 def split_from_samples(samples: list[tuple[list[int], list[bool]]]) -> Split:
     """An in-memory Split from (ids, mask) pairs."""
-    lens = np.array([len(ids) for ids, _ in samples], np.int64)
-    offsets = np.zeros(len(samples) + 1, np.int64)
-    np.cumsum(lens, out=offsets[1:])
+    offsets = _starts([len(ids) for ids, _ in samples])
     ids = np.array([t for s, _ in samples for t in s], np.int32)
     mask = np.array([m for _, ms in samples for m in ms], np.uint8)
     targets = np.array([sum(m[1:]) for _, m in samples], np.int32)
@@ -549,20 +494,17 @@ def open_corpus(folder: Path, tokenizer: Tokenizer | None = None) -> tuple[dict,
                         f"{tokenizer_sha256(tokenizer)[:12]}...; with --template chatml the added tokens count): "
                         "prepare it again with this run's --ckpt and --template")
     splits = {}
-    for name in ("train", "val"):
-        if name not in meta["splits"]:
-            continue
-        d = folder / name
+    for name in [s for s in ("train", "val") if s in meta["splits"]]:
         arrays = {}
         for k, dtype in ARRAYS.items():
             try:
-                a = np.load(d / f"{k}.npy", mmap_mode="r")
+                a = np.load(folder / name / f"{k}.npy", mmap_mode="r")
             except (OSError, ValueError) as e:
                 raise DataError(f"prepared data {folder}: cannot read {name}/{k}.npy ({e})") from None
             if a.dtype != np.dtype(dtype) or a.ndim != 1:
                 raise DataError(f"prepared data {folder}: {name}/{k}.npy is {a.dtype} {a.shape}, expected 1-d {np.dtype(dtype)}")
             arrays[k] = a
-        offsets = np.asarray(arrays["offsets"])
+        offsets = arrays["offsets"] = np.asarray(arrays["offsets"])
         n = len(offsets) - 1
         problems = []
         if n < 0 or offsets[0] != 0 or (n and (np.diff(offsets) <= 0).any()):
@@ -573,7 +515,7 @@ def open_corpus(folder: Path, tokenizer: Tokenizer | None = None) -> tuple[dict,
         if len(arrays["targets"]) != n or len(arrays["pack_samples"]) != n:
             problems.append(f"offsets.npy holds {n} samples, targets.npy {len(arrays['targets'])}, "
                             f"pack_samples.npy {len(arrays['pack_samples'])}")
-        rows = np.asarray(arrays["pack_rows"])
+        rows = arrays["pack_rows"] = np.asarray(arrays["pack_rows"])
         if not problems and (len(rows) < 1 or rows[0] != 0 or rows[-1] != n or (np.diff(rows) <= 0).any()
                              or (n and np.bincount(arrays["pack_samples"], minlength=n).max(initial=0) != 1)):
             problems.append("pack_rows.npy/pack_samples.npy are not a plan over every sample once")
@@ -582,8 +524,7 @@ def open_corpus(folder: Path, tokenizer: Tokenizer | None = None) -> tuple[dict,
         if problems:
             raise DataError(f"prepared data {folder}: the {name} arrays disagree: {'; '.join(problems)}; "
                             "prepare it again (--prepare-data)")
-        splits[name] = Split(arrays["ids"], arrays["mask"], offsets, arrays["targets"], rows,
-                             arrays["pack_samples"], int(meta["key"].get("seq_len", 0)))
+        splits[name] = Split(**arrays, pack_seq_len=int(meta["key"].get("seq_len", 0)))
     if "train" not in splits:
         raise DataError(f"prepared data {folder}: meta.json lists no train split")
     return meta, splits
@@ -598,31 +539,25 @@ def render_sample(tokenizer: Tokenizer, ids, mask, color: bool = False) -> str:
     tokens (bos, eos, added tokens) written out as their pieces."""
     sp = tokenizer.sp
     added = {i: t for t, i in tokenizer.special_tokens.items()}
-    out, trained_now, pending = [], False, bytearray()
+    out, trained_now, pending = [], False, bytearray()  # pending: a run of byte pieces (<0xE2>...), decoded whole
     open_, close = ("\x1b[32m", "\x1b[0m") if color else ("[[", "]]")
-
-    def flush_bytes():
-        if pending:
+    for i, m in zip(np.asarray(ids).tolist(), np.asarray(mask).tolist()):
+        byte = i not in added and sp.is_byte(i)
+        if pending and (not byte or bool(m) != trained_now):
             out.append(pending.decode("utf-8", errors="replace"))
             pending.clear()
-
-    for i, m in zip(np.asarray(ids).tolist(), np.asarray(mask).tolist()):
         if bool(m) != trained_now:
-            flush_bytes()
             out.append(open_ if m else close)
             trained_now = bool(m)
-        if i in added:
-            flush_bytes()
+        if byte:
+            pending.append(int(sp.id_to_piece(i)[3:5], 16))
+        elif i in added:
             out.append(added[i])
         elif sp.is_control(i) or sp.is_unknown(i):
-            flush_bytes()
             out.append(sp.id_to_piece(i))
-        elif sp.is_byte(i):
-            pending.append(int(sp.id_to_piece(i)[3:5], 16))
         else:
-            flush_bytes()
             out.append(sp.id_to_piece(i).replace("\u2581", " "))
-    flush_bytes()
+    out.append(pending.decode("utf-8", errors="replace"))
     if trained_now:
         out.append(close)
     return "".join(out)

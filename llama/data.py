@@ -21,12 +21,12 @@ of a .jsonl, the 1-based index of the row in a .json array or a parquet file).
 """
 import gzip
 import io
-import itertools
 import json
 import math
 import re
 import zlib
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 from .chat import validate_dialog
@@ -34,6 +34,7 @@ from .chat import validate_dialog
 DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, which some editors put first in a file
 JSON_CHUNK = 1 << 20  # characters of a .json array read at a time
+JSON_SPACE = re.compile(r"[ \t\r\n]*")  # the white space JSON allows between values
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -65,10 +66,8 @@ def data_files(path: Path) -> list[Path]:
         return [path]
     files = sorted(p for p in path.iterdir() if p.is_file() and is_data_file(p) and not p.name.startswith("."))
     if not files:
-        hint = ""
         sub = [d.name for d in sorted(path.iterdir()) if d.is_dir() and any(map(is_data_file, d.iterdir()))]
-        if sub:
-            hint = f"; its subfolder {sub[0]}/ has some: pass {path / sub[0]}"
+        hint = f"; its subfolder {sub[0]}/ has some: pass {path / sub[0]}" if sub else ""
         raise DataError(f"{path}: the folder holds no data files (expected {', '.join(DATA_SUFFIXES)}){hint}")
     return files
 
@@ -80,8 +79,6 @@ def data_files(path: Path) -> list[Path]:
 def iter_rows(path: Path) -> Iterator[tuple[int, dict]]:
     """(row number from 1, row) of one data file; a .jsonl row's number is its line."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"data file {path} does not exist")
     name = path.name.lower()
     if name.endswith(".parquet"):
         yield from _parquet_rows(path)
@@ -105,6 +102,8 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict]]:
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); "
                                     "expected one JSON object per line")
+    except UnicodeDecodeError as e:  # in a .json array (a .jsonl line's is caught above)
+        raise DataError(f"{path}:{n + 1}: not UTF-8 text ({e.reason})") from None
     except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{path}:{n + 1}: cannot read the file: {e}") from None
 
@@ -113,41 +112,32 @@ def _json_array_rows(path: Path, f) -> Iterator[tuple[int, object]]:
     """Rows of a JSON array, decoded one element at a time from a growing text buffer."""
     text = io.TextIOWrapper(f, encoding="utf-8-sig")
     decoder = json.JSONDecoder()
-    buf, pos, n, eof, chunk = "", 0, 0, False, JSON_CHUNK
+    buf, pos, n, eof = "", 0, 0, False
 
     def more() -> bool:
         nonlocal buf, pos, eof
-        if eof:
-            return False
-        try:
-            got = text.read(max(chunk, len(buf) - pos))  # doubling: an element larger than a chunk costs O(size)
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{n + 1}: not UTF-8 text ({e.reason})") from None
+        got = text.read(max(JSON_CHUNK, len(buf) - pos))  # doubling: an element larger than a chunk costs O(size)
         buf, pos, eof = buf[pos:] + got, 0, not got
         return bool(got)
 
-    def skip_space() -> None:
+    def peek() -> str:
+        """The next character that is not white space ("" at the end of the file), reading on as needed."""
         nonlocal pos
         while True:
-            while pos < len(buf) and buf[pos] in " \t\r\n":
-                pos += 1
+            pos = JSON_SPACE.match(buf, pos).end()
             if pos < len(buf) or not more():
-                return
+                return buf[pos: pos + 1]
 
-    skip_space()
-    assert buf[pos] == "["
+    assert peek() == "["
     pos += 1
-    while True:
-        skip_space()
-        if pos >= len(buf):
+    while (c := peek()) != "]":
+        if not c:
             raise DataError(f"{path}:{n + 1}: not valid JSON (the array is not closed)")
-        if buf[pos] == "]":
-            return
         if n:
-            if buf[pos] != ",":
+            if c != ",":
                 raise DataError(f"{path}:{n + 1}: not valid JSON (expected ',' or ']' after row {n})")
             pos += 1
-            skip_space()
+            peek()
         while True:
             try:
                 row, end = decoder.raw_decode(buf, pos)
@@ -171,8 +161,7 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
                         "(or this project's [data] extra)") from None
     n = 0
     try:
-        pf = pq.ParquetFile(path)
-        for batch in pf.iter_batches(batch_size=1024):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
             for row in batch.to_pylist():
                 n += 1
                 yield n, row
@@ -195,16 +184,15 @@ def read_dialogs(path: Path, *, oasst_top_k: int = 0, oasst_lang: Sequence[str] 
     """
     oasst_rows: dict[str, dict] = {}
     for file in data_files(Path(path)):
-        rows = iter_rows(file)
-        first = next(rows, None)
-        if first is None:
-            continue
-        fmt = row_format(first[1], f"{file}:{first[0]}")
-        for n, row in itertools.chain([first], rows):
+        fmt = first = None  # the format of the file's first row, and where that is
+        for n, row in iter_rows(file):
             where = f"{file}:{n}"
-            if n != first[0] and (f := row_format(row, where)) != fmt:
-                raise DataError(f"{where}: row is {FORMAT_NAMES[f]} but the file's first row ({file}:{first[0]}) is "
-                                f"{FORMAT_NAMES[fmt]}; every row of a file must have the same format")
+            f = row_format(row, where)
+            if fmt is None:
+                fmt, first = f, where
+            elif f != fmt:
+                raise DataError(f"{where}: row is {FORMATS[f][1]} but the file's first row ({first}) is "
+                                f"{FORMATS[fmt][1]}; every row of a file must have the same format")
             if fmt == "oasst_message":
                 add_oasst_message(oasst_rows, row, where)
             elif fmt == "oasst_tree":
@@ -218,25 +206,22 @@ def read_dialogs(path: Path, *, oasst_top_k: int = 0, oasst_lang: Sequence[str] 
         yield from oasst_dialogs(root, oasst_top_k, oasst_lang)
 
 
-FORMAT_NAMES = {"chat": "chat messages", "sharegpt": "ShareGPT", "alpaca": "Alpaca", "text": "a text row",
-                "oasst_message": "an OpenAssistant message", "oasst_tree": "an OpenAssistant tree"}
+FORMATS = {  # format: (the keys that identify its rows, tried in this order; its name in errors)
+    "chat": (("messages",), "chat messages"),
+    "sharegpt": (("conversations",), "ShareGPT"),
+    "alpaca": (("instruction", "output"), "Alpaca"),
+    "oasst_message": (("message_id",), "an OpenAssistant message"),
+    "oasst_tree": (("message_tree_id", "prompt"), "an OpenAssistant tree"),
+    "text": (("text",), "a text row"),
+}
 
 
 def row_format(row, where: str) -> str:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if "messages" in row:
-        return "chat"
-    if "conversations" in row:
-        return "sharegpt"
-    if "instruction" in row and "output" in row:
-        return "alpaca"
-    if "message_id" in row:
-        return "oasst_message"
-    if "message_tree_id" in row and "prompt" in row:
-        return "oasst_tree"
-    if "text" in row:
-        return "text"
+    for fmt, (keys, _) in FORMATS.items():
+        if all(k in row for k in keys):
+            return fmt
     raise DataError(f"{where}: row has no recognisable format; expected {{\"messages\": [...]}}, "
                     "Alpaca {\"instruction\", \"input\", \"output\"}, ShareGPT {\"conversations\": [...]}, "
                     "an OpenAssistant message {\"message_id\", \"parent_id\", ...} or tree "
@@ -274,14 +259,8 @@ def check_dialog(msgs, where: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # Text rows in a chat form -> turns. Each turn's content is stripped of surrounding whitespace and of the
-# <s> / </s> tags around it; the markers themselves are dropped (the template puts its own back).
-
-TEXT_FORMS = {
-    "[INST]": "llama2",  # <s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{q} [/INST] {a} </s><s>[INST] {q2} [/INST] ...
-    "### Human:": "guanaco",  # ### Human: {q}### Assistant: {a}### Human: ...
-    "<|im_start|>": "chatml",  # <|im_start|>{role}\n{content}<|im_end|>\n...
-    "<|user|>": "tulu", "<|system|>": "tulu",  # <|system|>\n{s}\n<|user|>\n{q}\n<|assistant|>\n{a}</s>\n...
-}
+# <s> / </s> tags around it; the markers themselves are dropped (the template puts its own back). The forms
+# and their parsers: TEXT_FORMS, below them.
 
 
 def text_to_messages(text, where: str, text_as_lm: bool = False) -> list[dict] | None:
@@ -292,15 +271,14 @@ def text_to_messages(text, where: str, text_as_lm: bool = False) -> list[dict] |
     s = _untag(text, head=True)
     if not s:
         raise DataError(f"{where}: the text is empty")
-    form = next((f for marker, f in TEXT_FORMS.items() if s.startswith(marker)), None)
-    if form is None:
+    parse = next((f for marker, f in TEXT_FORMS.items() if s.startswith(marker)), None)
+    if parse is None:
         if text_as_lm:
             return None
         raise DataError(f"{where}: the text starts with none of the chat markers tried ({', '.join(TEXT_FORMS)}, "
                         f"after an optional <s>): {text[:60]!r}; to train on whole texts as plain language "
                         "modelling, pass --text-as-lm")
-    msgs = {"llama2": _llama2_turns, "guanaco": _guanaco_turns, "chatml": _chatml_turns, "tulu": _tulu_turns}[form](
-        s, where)
+    msgs = parse(s, where)
     check_dialog(msgs, where)
     return msgs
 
@@ -338,17 +316,10 @@ def _llama2_turns(s: str, where: str) -> list[dict]:
     return msgs
 
 
-def _split_turns(s: str, pattern: str, roles: dict) -> list[dict]:
+def _split_turns(s: str, where: str, pattern: str, roles: dict) -> list[dict]:
+    """Turns that each open with a marker `pattern` matches; its group names the role (a key of `roles`)."""
     parts = re.split(pattern, s)  # [text before the first marker (empty), marker, content, marker, ...]
     return [{"role": roles[m], "content": _untag(c)} for m, c in zip(parts[1::2], parts[2::2])]
-
-
-def _guanaco_turns(s: str, where: str) -> list[dict]:
-    return _split_turns(s, r"### (Human|Assistant):", {"Human": "user", "Assistant": "assistant"})
-
-
-def _tulu_turns(s: str, where: str) -> list[dict]:
-    return _split_turns(s, r"<\|(system|user|assistant)\|>", {r: r for r in ("system", "user", "assistant")})
 
 
 def _chatml_turns(s: str, where: str) -> list[dict]:
@@ -363,6 +334,17 @@ def _chatml_turns(s: str, where: str) -> list[dict]:
             raise DataError(f"{where}: text after <|im_end|> of ChatML block {k + 1}: {_untag(after)[:40]!r}")
         msgs.append({"role": role.strip(), "content": _untag(content)})
     return msgs
+
+
+_tulu_turns = partial(_split_turns, pattern=r"<\|(system|user|assistant)\|>",
+                      roles={r: r for r in ("system", "user", "assistant")})
+TEXT_FORMS = {  # the marker a text starts with -> its parser
+    "[INST]": _llama2_turns,  # <s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{q} [/INST] {a} </s><s>[INST] {q2} [/INST] ...
+    "### Human:": partial(_split_turns, pattern=r"### (Human|Assistant):",  # ### Human: {q}### Assistant: {a}...
+                          roles={"Human": "user", "Assistant": "assistant"}),
+    "<|im_start|>": _chatml_turns,  # <|im_start|>{role}\n{content}<|im_end|>\n...
+    "<|user|>": _tulu_turns, "<|system|>": _tulu_turns,  # <|system|>\n{s}\n<|user|>\n{q}\n<|assistant|>\n{a}</s>\n...
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -423,8 +405,7 @@ def add_oasst_message(nodes: dict[str, dict], row: dict, where: str) -> None:
     n = _oasst_node(row, where, ("message_id", "message_tree_id", "role", "text"))
     if n["id"] in nodes:
         raise DataError(f"{where}: OpenAssistant message {n['id']} appears twice (also at {nodes[n['id']]['where']})")
-    n["parent_id"], n["tree_id"], n["tree_state"] = row.get("parent_id"), str(row["message_tree_id"]), row.get(
-        "tree_state")
+    n.update(parent_id=row.get("parent_id"), tree_id=str(row["message_tree_id"]), tree_state=row.get("tree_state"))
     nodes[n["id"]] = n
 
 
@@ -455,8 +436,7 @@ def link_oasst_messages(nodes: dict[str, dict]) -> list[dict]:
             raise DataError(f"{first['where']}: OpenAssistant tree {tree_id} has no root message (one without "
                             "'parent_id'): its rows lack 'parent_id' or the parent links form a loop")
     for n in nodes.values():
-        if len(n["replies"]) > 1:
-            n["replies"] = _rank_order(n["replies"])
+        n["replies"] = _rank_order(n["replies"])
     return list(roots.values())
 
 
@@ -466,9 +446,8 @@ def _rank_order(replies: list[dict]) -> list[dict]:
 
 def oasst_dialogs(root: dict, top_k: int = 0, langs: Sequence[str] | None = None) -> Iterator[dict]:
     """The dialogs of one tree (see the rules above), depth first."""
-    if root["tree_state"] is not None and root["tree_state"] != "ready_for_export":
-        return
-    if not root["review_result"] or (langs and root["lang"] not in langs):  # None or empty: every language
+    exported = root["tree_state"] in (None, "ready_for_export") and root["review_result"]
+    if not exported or (langs and root["lang"] not in langs):  # langs None or empty: every language
         return
     if root["role"] != "prompter":
         raise DataError(f"{root['where']}: OpenAssistant tree {root['tree_id']} starts with an {root['role']} "
