@@ -41,14 +41,13 @@ SentencePiece piece straddles the boundary (never for these templates with Llama
 reply starts with a space or follows a newline) the straddling token counts as reply.
 """
 import json
+from itertools import groupby
 from pathlib import Path
 
 from .tokenizer import Tokenizer, hf_tokenizer_json
 
 TEMPLATES = ("llama2", "chatml", "tulu", "oasst", "alpaca")
 ROLES = ("system", "user", "assistant")
-B_INST, E_INST = "[INST]", "[/INST]"
-B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 ALPACA_INTRO = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 ALPACA_INTRO_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
@@ -74,8 +73,13 @@ def encode_chat(tokenizer: Tokenizer, messages: list[dict], template: str,
     """Dialog -> (ids, mask); see the module docstring for the formats."""
     _check_template(template)
     msgs = validate_dialog(messages, template, add_generation_prompt)
-    render = {"llama2": _llama2, "chatml": _chatml, "tulu": _tulu, "oasst": _oasst, "alpaca": _alpaca}[template]
-    return _encode_segments(tokenizer, render(tokenizer, msgs, add_generation_prompt))
+    if template == "llama2":  # a final user turn is already Meta's generation prompt
+        segs = _llama2(tokenizer, msgs)
+    elif template == "alpaca":  # the prompt always ends where the reply starts
+        segs = _alpaca(tokenizer, msgs)
+    else:
+        segs = _marked(tokenizer, msgs, template, add_generation_prompt)
+    return _encode_segments(tokenizer, segs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -124,12 +128,12 @@ def validate_dialog(messages: list[dict], template: str | None = None,
             else:
                 msg["content"] = f"{msg['content']}\n\n{extra.strip()}"
         out.append(msg)
-    turns = out[1:] if out[0]["role"] == "system" else out
+    start = 1 if out[0]["role"] == "system" else 0
+    turns = out[start:]
     if not turns:
         raise ValueError("the dialog has only a system message; expected user and assistant turns after it")
     if add_generation_prompt and turns[-1]["role"] != "user":
         raise ValueError(f"add_generation_prompt needs the last message to be a user turn, got {turns[-1]['role']!r}")
-    start = len(out) - len(turns)
     if template == "llama2":
         for k, m in enumerate(turns):
             want = ("user", "assistant")[k % 2]
@@ -168,27 +172,20 @@ LLAMA2_JINJA = (
 )
 
 
-def _llama2(tok: Tokenizer, msgs: list[dict], gen: bool) -> list[Segment]:
+def _llama2(tok: Tokenizer, msgs: list[dict]) -> list[Segment]:
     if msgs[0]["role"] == "system":  # Meta folds the system prompt into the first user turn
-        msgs = [{"role": "user", "content": B_SYS + msgs[0]["content"] + E_SYS + msgs[1]["content"]}] + msgs[2:]
+        system = f"<<SYS>>\n{msgs[0]['content']}\n<</SYS>>\n\n"
+        msgs = [{"role": "user", "content": system + msgs[1]["content"]}] + msgs[2:]
     segs: list[Segment] = []
     for k in range(0, len(msgs), 2):
-        segs += [(tok.bos_id, False), (f"{B_INST} {msgs[k]['content'].strip()} {E_INST}", False)]
+        segs += [(tok.bos_id, False), (f"[INST] {msgs[k]['content'].strip()} [/INST]", False)]
         if k + 1 < len(msgs):
             segs += [(f" {msgs[k + 1]['content'].strip()} ", True), (tok.eos_id, True)]
-    return segs  # a final user turn is already Meta's generation prompt
-
-
-def _joined(bos: int, bodies: list[list[Segment]], gen_prompt: list[Segment] | None) -> list[Segment]:
-    """bos, then the message bodies separated by "\\n", then the generation prompt if any."""
-    segs: list[Segment] = [(bos, False)]
-    for k, body in enumerate(bodies):
-        segs += ([("\n", False)] if k else []) + body
-    return segs + ([("\n", False)] + gen_prompt if gen_prompt else [])
+    return segs
 
 
 def _joined_jinja(body: str, gen_prompt: str) -> str:
-    """Jinja for `_joined`: bos, the bodies `body` emits (each after "\\n" but the first), the generation prompt."""
+    """Jinja for `_marked`: bos, the bodies `body` emits (each after "\\n" but the first), the generation prompt."""
     return ("{{- bos_token -}}{%- set ns = namespace(sep='') -%}{%- for message in messages -%}" + _STRIPPED + body +
             "{%- endfor -%}{%- if add_generation_prompt -%}{{ '\\n" + gen_prompt + "' }}{%- endif -%}")
 
@@ -199,32 +196,11 @@ CHATML_JINJA = _joined_jinja(
     "{%- endif -%}", "<|im_start|>assistant\\n")
 
 
-def _chatml(tok: Tokenizer, msgs: list[dict], gen: bool) -> list[Segment]:
-    start, end = _special_id(tok, IM_START, "chatml"), _special_id(tok, IM_END, "chatml")
-    bodies = []
-    for m in msgs:
-        if m["role"] == "system" and not m["content"]:
-            continue
-        trained = m["role"] == "assistant"
-        bodies.append([(start, False), (f"{m['role']}\n", False), (m["content"], trained), (end, trained)])
-    return _joined(tok.bos_id, bodies, [(start, False), ("assistant\n", False)] if gen else None)
-
-
 TULU_JINJA = _joined_jinja(
     "{%- if message['role'] == 'assistant' -%}"
     "{{ ns.sep + '<|assistant|>\\n' + content + eos_token }}{%- set ns.sep = '\\n' -%}"
     "{%- elif content -%}{{ ns.sep + '<|' + message['role'] + '|>\\n' + content }}{%- set ns.sep = '\\n' -%}"
     "{%- endif -%}", "<|assistant|>\\n")
-
-
-def _tulu(tok: Tokenizer, msgs: list[dict], gen: bool) -> list[Segment]:
-    bodies = []
-    for m in msgs:
-        if m["role"] == "assistant":
-            bodies.append([("<|assistant|>\n", False), (m["content"], True), (tok.eos_id, True)])
-        elif m["content"]:
-            bodies.append([(f"<|{m['role']}|>\n{m['content']}", False)])
-    return _joined(tok.bos_id, bodies, [("<|assistant|>\n", False)] if gen else None)
 
 
 OASST_JINJA = _joined_jinja(
@@ -233,16 +209,33 @@ OASST_JINJA = _joined_jinja(
     "{%- elif content -%}{{ ns.sep + ('### System: ' if message['role'] == 'system' else '### User: ') + content }}"
     "{%- set ns.sep = '\\n' -%}{%- endif -%}", "### Assistant:")
 
+_MARKERS = {"tulu": {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"},
+            "oasst": {"system": "### System:", "user": "### User:", "assistant": "### Assistant:"}}
 
-def _oasst(tok: Tokenizer, msgs: list[dict], gen: bool) -> list[Segment]:
-    names = {"system": "System", "user": "User"}
-    bodies = []
+
+def _marked(tok: Tokenizer, msgs: list[dict], template: str, gen: bool) -> list[Segment]:
+    """chatml, tulu, oasst: bos, then each message as its role's marker and its text, "\\n" between messages
+    (an empty system prompt is left out). chatml closes every message with <|im_end|>, the others each reply
+    with eos; the generation prompt is the assistant's marker."""
+    if template == "chatml":
+        start, end = _special_id(tok, IM_START, template), _special_id(tok, IM_END, template)
+        markers = {role: [(start, False), (f"{role}\n", False)] for role in ROLES}
+    else:
+        end = tok.eos_id
+        markers = {role: [(marker, False)] for role, marker in _MARKERS[template].items()}
+    segs: list[Segment] = [(tok.bos_id, False)]
     for m in msgs:
-        if m["role"] == "assistant":
-            bodies.append([("### Assistant:", False), (f" {m['content']}", True), (tok.eos_id, True)])
-        elif m["content"]:
-            bodies.append([(f"### {names[m['role']]}: {m['content']}", False)])
-    return _joined(tok.bos_id, bodies, [("### Assistant:", False)] if gen else None)
+        if m["role"] == "system" and not m["content"]:
+            continue
+        if len(segs) > 1:
+            segs.append(("\n", False))
+        trained = m["role"] == "assistant"
+        # oasst's "### User: {q}": the space is the text's, so a reply starts with a clean "▁word" token
+        text = f" {m['content']}" if template == "oasst" else m["content"]
+        segs += markers[m["role"]] + [(text, trained)]
+        if trained or template == "chatml":
+            segs.append((end, trained))
+    return segs + ([("\n", False)] + markers["assistant"] if gen else [])
 
 
 assert "'" not in ALPACA_INTRO + ALPACA_INTRO_INPUT  # they go into Jinja string literals below
@@ -264,7 +257,7 @@ ALPACA_JINJA = (
 )
 
 
-def _alpaca(tok: Tokenizer, msgs: list[dict], gen: bool) -> list[Segment]:
+def _alpaca(tok: Tokenizer, msgs: list[dict]) -> list[Segment]:
     system = msgs[0]["content"] if msgs[0]["role"] == "system" and msgs[0]["content"] else None
     user, *reply = [m for m in msgs if m["role"] != "system"]
     intro = system or (ALPACA_INTRO_INPUT if "input" in user else ALPACA_INTRO)
@@ -286,32 +279,22 @@ CHAT_TEMPLATES = {"llama2": LLAMA2_JINJA, "chatml": CHATML_JINJA, "tulu": TULU_J
 def _encode_segments(tok: Tokenizer, segs: list[Segment]) -> tuple[list[int], list[bool]]:
     ids: list[int] = []
     mask: list[bool] = []
-    run: list[tuple[str, bool]] = []  # consecutive text segments, tokenized as one string
-
-    def flush() -> None:
+    for is_text, group in groupby(segs, key=lambda seg: isinstance(seg[0], str)):
+        run = list(group)
+        if not is_text:
+            ids += [piece for piece, _ in run]
+            mask += [trained for _, trained in run]
+            continue
+        # consecutive text segments, tokenized as one string
         prompt = "".join(t for t, trained in run if not trained)
         reply = "".join(t for t, trained in run if trained)
         assert "".join(t for t, _ in run) == prompt + reply, "a text run must be prompt text, then reply text"
         full = tok.encode(prompt + reply)
-        n = len(full)
-        if reply:
-            head = tok.encode(prompt)
-            n = len(head) if full[: len(head)] == head else next(
-                (k for k, (a, b) in enumerate(zip(full, head)) if a != b), min(len(full), len(head)))
-        ids.extend(full)
-        mask.extend([False] * n + [True] * (len(full) - n))
-        run.clear()
-
-    for piece, trained in segs:
-        if isinstance(piece, str):
-            run.append((piece, trained))
-            continue
-        if run:
-            flush()
-        ids.append(piece)
-        mask.append(trained)
-    if run:
-        flush()
+        head = tok.encode(prompt) if reply else full
+        # the prompt's tokens are those `full` shares with `head`: a token that straddles the boundary is reply
+        n = next((k for k, (a, b) in enumerate(zip(full, head)) if a != b), min(len(full), len(head)))
+        ids += full
+        mask += [False] * n + [True] * (len(full) - n)
     return ids, mask
 
 
@@ -320,8 +303,7 @@ def _encode_segments(tok: Tokenizer, segs: list[Segment]) -> tuple[list[int], li
 
 
 def _token_entry(content: str) -> dict:
-    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-            "special": True}
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
 
 
 def save_tokenizer_files(tokenizer: Tokenizer, folder: str | Path, template: str, model: bool,
@@ -339,16 +321,13 @@ def save_tokenizer_files(tokenizer: Tokenizer, folder: str | Path, template: str
     tokenizer.save(folder)
     sp = tokenizer.sp
     bos, eos, unk = (sp.id_to_piece(i) for i in (tokenizer.bos_id, tokenizer.eos_id, sp.unk_id()))
-    decoder = {i: _token_entry(sp.id_to_piece(i)) for i in range(sp.vocab_size())
-               if sp.is_control(i) or sp.is_unknown(i)}
-    decoder.update({i: _token_entry(t) for t, i in tokenizer.special_tokens.items()})
-    added = [t for t, i in sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1])]
-    files = {}
+    decoder = {i: sp.id_to_piece(i) for i in range(sp.vocab_size()) if sp.is_control(i) or sp.is_unknown(i)}
+    decoder.update({i: t for t, i in tokenizer.special_tokens.items()})
+    added = sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.get)
     hf_json = hf_tokenizer_json(tokenizer)
-    if hf_json is not None:
-        files["tokenizer.json"] = hf_json
-    elif (folder / "tokenizer.json").exists():  # a stale one would not match this tokenizer
-        (folder / "tokenizer.json").unlink()
+    if hf_json is None:  # a stale tokenizer.json would not match this tokenizer
+        (folder / "tokenizer.json").unlink(missing_ok=True)
+    files = {"tokenizer.json": hf_json} if hf_json is not None else {}
     files["tokenizer_config.json"] = {
         # with tokenizer.json, transformers uses it as written (PreTrainedTokenizerFast); without it,
         # transformers' LlamaTokenizer converts tokenizer.model, and "legacy" keeps the dummy-prefix space
@@ -356,13 +335,12 @@ def save_tokenizer_files(tokenizer: Tokenizer, folder: str | Path, template: str
         "tokenizer_class": "PreTrainedTokenizerFast" if hf_json is not None else "LlamaTokenizer",
         "legacy": True, "add_bos_token": True, "add_eos_token": False,
         "bos_token": bos, "eos_token": eos, "unk_token": unk, "pad_token": None,
-        "added_tokens_decoder": {str(i): e for i, e in sorted(decoder.items())},
+        "added_tokens_decoder": {str(i): {**_token_entry(t), "special": True} for i, t in sorted(decoder.items())},
         "additional_special_tokens": added,
         "chat_template": CHAT_TEMPLATES[template],
         "model_max_length": max_length, "clean_up_tokenization_spaces": False,
     }
-    special_map = {k: {x: v for x, v in _token_entry(t).items() if x != "special"}
-                   for k, t in (("bos_token", bos), ("eos_token", eos), ("unk_token", unk))}
+    special_map = {"bos_token": _token_entry(bos), "eos_token": _token_entry(eos), "unk_token": _token_entry(unk)}
     files["special_tokens_map.json"] = {**special_map, **({"additional_special_tokens": added} if added else {})}
     if model:
         files["generation_config.json"] = {"bos_token_id": tokenizer.bos_id,

@@ -16,6 +16,7 @@ token by token loses spaces and prints broken characters. `TextStream` decodes t
 writes the new suffix, holding back while the text ends in an incomplete character.
 """
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -64,10 +65,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
         raise ValueError(f"generate: a prompt has {max(lens)} tokens; the model's max_seq_len is {max_seq_len}")
     B, total = len(prompts), min(max_seq_len, max(lens) + max_new_tokens)
     device = model.tok_embeddings.weight.device
-    tokens = torch.zeros(B, total, dtype=torch.long, device=device)  # [B, total]; right-padded prompts
-    for b, p in enumerate(prompts):
-        tokens[b, : len(p)] = torch.tensor(p, dtype=torch.long)
-    is_prompt = torch.arange(total, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
+    # [B, total]: the prompts, right-padded with -1 (Meta's pad_id: "no prompt token here")
+    tokens = torch.tensor([p + [-1] * (total - len(p)) for p in prompts], dtype=torch.long, device=device)
     stops = set(int(s) for s in stop_ids)
     out: list[list[int]] = [[] for _ in range(B)]
     done = [max_new_tokens <= 0] * B
@@ -83,19 +82,17 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
             logits = model.output(h[:, -1])  # [B, V]: only the last position is needed
             if vocab_size is not None:
                 logits[:, vocab_size:] = float("-inf")
-            nxt = torch.where(is_prompt[:, cur], tokens[:, cur], sample(logits, temperature, top_p, generator))
+            nxt = torch.where(tokens[:, cur] >= 0, tokens[:, cur], sample(logits, temperature, top_p, generator))
             tokens[:, cur] = nxt
             prev = cur
             for b, t in enumerate(nxt.tolist()):  # one host sync per step
                 if done[b] or cur < lens[b]:
                     continue
-                if t in stops:
-                    done[b] = True
-                    continue
-                out[b].append(t)
-                if on_token is not None:
-                    on_token(b, t)
-                done[b] = len(out[b]) >= max_new_tokens
+                if t not in stops:
+                    out[b].append(t)
+                    if on_token is not None:
+                        on_token(b, t)
+                done[b] = t in stops or len(out[b]) >= max_new_tokens
     finally:
         model.clear_cache()
         model.train(was_training)
@@ -127,8 +124,8 @@ class TextStream:
 
 
 def reply(model, tokenizer: Tokenizer, messages: list[dict], template: str, max_new_tokens: int = 512,
-          temperature: float = 0.6, top_p: float = 0.9, write: Callable[[str], object] | None = None) -> str:
-    """Generate the assistant's next message for a dialog, streaming its text to `write`; returns the text.
+          temperature: float = 0.6, top_p: float = 0.9) -> str:
+    """Generate the assistant's next message for a dialog, streaming its text to stdout; returns the text.
 
     When the dialog does not fit with room for the reply, the oldest exchanges (after a system message)
     are dropped.
@@ -141,7 +138,7 @@ def reply(model, tokenizer: Tokenizer, messages: list[dict], template: str, max_
         next_user = next(i for i in range(first + 1, len(msgs)) if msgs[i]["role"] == "user")
         del msgs[first:next_user]
         prompt, _ = encode_chat(tokenizer, msgs, template, add_generation_prompt=True)
-    stream = TextStream(tokenizer, write)
+    stream = TextStream(tokenizer)
     generate(model, [prompt], max_new_tokens, temperature, top_p, stop_ids=template_stop_ids(tokenizer, template),
              on_token=stream, vocab_size=tokenizer.n_words)
     return stream.finish()
@@ -153,10 +150,8 @@ def chat_loop(model, tokenizer: Tokenizer, template: str, system: str | None = N
 
     An exchange whose reply is empty (the model stopped at once) is left out of the history.
     """
-    try:
+    with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
-    except ImportError:
-        pass
     messages = [{"role": "system", "content": system}] if system else []
     print(f"chat ({template}); an empty line or /exit quits", flush=True)
     while True:
@@ -209,12 +204,13 @@ def load_chat_model(ckpt: str | Path, template: str, device: torch.device, dtype
         raise ValueError(f"--template {template} needs the special tokens {missing}, which {tok_path.parent} "
                          "does not define (no added_tokens.json with them): was the model fine-tuned with it?")
     model = load_model(ckpt, dtype=dtype, device=device, hook=hook, progress=progress)  # checks the vocabulary
-    if tokenizer.n_words > model.args.vocab_size:
-        resize_embeddings(model, tokenizer.n_words)
+    resize_embeddings(model, tokenizer.n_words)  # grows only
     return model, tokenizer
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import resolve_checkpoint
+
     p = argparse.ArgumentParser(prog="python -m llama.generate", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="Meta or Hugging Face checkpoint folder (tokenizer.model in it or its parent), "
                    "or a repo id already in the Hugging Face hub cache (meta-llama/Llama-2-7b-chat-hf)")
@@ -228,13 +224,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="auto: bf16 on a GPU; on CPU fp32, bf16 for checkpoints over 2 GiB")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import resolve_checkpoint
-
-    args = parse_args(argv)
+    args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     try:  # user errors (a wrong folder, a template the tokenizer cannot express) end with a message, not a trace
         ckpt = resolve_checkpoint(args.ckpt)  # a folder, or a repo id in the Hugging Face hub cache
