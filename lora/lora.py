@@ -192,14 +192,13 @@ class LoRALinear(nn.Module):
             w, bias = self.base.dequantize(), getattr(self.base, "bias", None)  # [out, in], [out]
             dense = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
                               device=w.device, dtype=w.dtype).requires_grad_(False)
-            dense.weight.copy_(w.float() + self.delta_weight().to(w.device))
+            dense.weight.copy_(w)
             if bias is not None:
                 dense.bias.copy_(bias)
             object.__setattr__(self, "_quantized_base", self.base)  # unregistered: not in state_dict
             self.base = dense
-        else:
-            w = self.base.weight
-            w.copy_(w.float() + self.delta_weight().to(w.device))
+        w = self.base.weight
+        w.copy_(w.float() + self.delta_weight().to(w.device))
         self.merged = True
 
     @torch.no_grad()
@@ -244,9 +243,9 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float 
     The settings are recorded in `model.lora_config` for `save_adapter`."""
     if getattr(model, "lora_config", None) is not None:
         raise ValueError("model already has LoRA adapters (merge_lora first, or load_adapter into it)")
-    model.requires_grad_(False)
+    model.requires_grad_(False)  # the adapters created below require grad, as every new nn.Parameter
     found = set()
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if child_name in targets and hasattr(child, "in_features"):
                 setattr(module, child_name, LoRALinear(child, r, alpha, dropout, rslora))
@@ -262,10 +261,6 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float 
         if hasattr(module, "dequantize"):
             raise ValueError(f"modules_to_save: {name!r} is quantized; a fully trained module must stay dense")
         module.requires_grad_(True)
-    for m in model.modules():
-        if isinstance(m, LoRALinear):
-            m.lora_A.requires_grad_(True)
-            m.lora_B.requires_grad_(True)
     model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, targets=tuple(targets), rslora=rslora,
                              modules_to_save=tuple(modules_to_save))
     return model
@@ -297,14 +292,13 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
         if isinstance(m, LoRALinear):
             if m.merged:
                 raise ValueError(f"save_adapter: {name} is merged; unmerge() it first")
+            hf = meta_to_hf_key(name)
+            targets.add(hf.rsplit(".", 1)[-1])
             B = m.lora_B.detach()
             if heads := rotary_heads(model.args, name):
                 B = permute_for_hf(B, heads)  # rows follow HF's rotary layout; A acts on inputs, unchanged
-            hf = meta_to_hf_key(name)
-            targets.add(hf.rsplit(".", 1)[-1])
-            hf = PREFIX + hf
-            tensors[hf + ".lora_A.weight"] = m.lora_A.detach()
-            tensors[hf + ".lora_B.weight"] = B
+            tensors[f"{PREFIX}{hf}.lora_A.weight"] = m.lora_A.detach()
+            tensors[f"{PREFIX}{hf}.lora_B.weight"] = B
     for name in cfg["modules_to_save"]:
         for pname, p in model.get_submodule(name).named_parameters():
             tensors[PREFIX + meta_to_hf_key(f"{name}.{pname}")] = p.detach()
@@ -321,13 +315,6 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
         "alpha_pattern": {}, "revision": None,
     }
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-def _meta_module_or_error(hf_name: str, where: Path) -> str:
-    try:
-        return hf_to_meta_key(hf_name)
-    except ValueError:
-        raise ValueError(f"{where}: module {hf_name!r} is not a Llama module this model knows") from None
 
 
 @torch.no_grad()
@@ -355,17 +342,15 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     for key, t in load_file(str(w_file)).items():
         if not key.startswith(PREFIX):
             raise ValueError(f"{w_file}: key {key!r} does not start with {PREFIX!r}")
-        name = key.removeprefix(PREFIX).replace(".default.", ".")  # older PEFT kept the adapter name
-        for which in ("lora_A", "lora_B"):
-            if name.endswith(f".{which}.weight"):
-                module = _meta_module_or_error(name.removesuffix(f".{which}.weight"), w_file)
-                lora.setdefault(module, {})[which] = t
-                break
-        else:  # a modules_to_save weight, e.g. model.embed_tokens.weight
-            try:
-                full[hf_to_meta_key(name)] = t
-            except ValueError:
-                raise ValueError(f"{w_file}: key {key!r} is neither a LoRA weight nor a Llama weight") from None
+        try:  # hf_to_meta_key keeps what follows the module name (".lora_A.weight", ".weight")
+            name = hf_to_meta_key(key.removeprefix(PREFIX).replace(".default.", "."))  # older PEFT kept ".default"
+        except ValueError:
+            raise ValueError(f"{w_file}: key {key!r} names no Llama module this model knows") from None
+        module, _, which = name.removesuffix(".weight").rpartition(".")
+        if name.endswith(".weight") and which in ("lora_A", "lora_B"):
+            lora.setdefault(module, {})[which] = t
+        else:  # a modules_to_save weight, e.g. tok_embeddings.weight
+            full[name] = t
 
     targets = tuple(sorted({n.rsplit(".", 1)[-1] for n in lora}))
     alpha, rslora = pc["lora_alpha"], bool(pc.get("use_rslora", False))

@@ -11,13 +11,7 @@ import logging
 # imports bitsandbytes: the filter sits on the logger, which exists before bitsandbytes asks for it.
 BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 BNB_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
-
-
-def _drop_bnb_kernel_warning(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith(BNB_KERNEL_WARNING)
-
-
-logging.getLogger(BNB_CPU_LOGGER).addFilter(_drop_bnb_kernel_warning)
+logging.getLogger(BNB_CPU_LOGGER).addFilter(lambda record: not str(record.msg).startswith(BNB_KERNEL_WARNING))
 
 from quant.nf4 import NF4, NF4Linear, dequantize_nf4, nf4_matmul, quantize_model, quantize_on_load  # noqa: E402
 

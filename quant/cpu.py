@@ -11,8 +11,6 @@ Nothing here is needed for correctness; each piece exists for one reason:
 `w` below is nf4.py's record of one frozen weight: `packed`, `shape` [N, K], `blocksize`, `scales()` (fp32
 absmax per block) and `rows(scales, r0, r1, dtype)` (the reference dequantization of W[r0:r1]).
 """
-from __future__ import annotations
-
 import threading
 
 import torch

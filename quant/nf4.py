@@ -21,8 +21,6 @@ x @ W.T either in PyTorch (the whole weight dequantized, then one matmul; on CPU
 cache-friendly path in `cpu.py`) or with the fused Triton kernels in `triton_nf4.py` (CUDA), which never
 write the dense weight to memory.
 """
-from __future__ import annotations
-
 import functools
 
 import torch
@@ -47,21 +45,6 @@ _PAIRS64 = _PAIRS.view(torch.int64).view(-1)                                    
 # the multiply's intermediates stay in cache and only the result goes to memory. GPUs take the whole weight
 # in one launch per op.
 _CPU_SLICE_BLOCKS = 8192
-
-
-def _block_absmax(absmax: torch.Tensor, absmax2: torch.Tensor | None, code2: torch.Tensor | None,
-                  offset: torch.Tensor | None, blocksize2: int) -> torch.Tensor:
-    """fp32 absmax per 64-block, undoing the double quantization when the absmaxes are 8-bit:
-    code2[absmax_u8[b]] * absmax2[b // blocksize2] + offset, the product rounded before the sum (as bitsandbytes)."""
-    if absmax2 is None:
-        return absmax.float()
-    n = absmax.numel()
-    whole = n - n % blocksize2                                # blocks in whole groups of blocksize2
-    out = code2.float().index_select(0, absmax.reshape(-1).int())
-    out[:whole].view(-1, blocksize2).mul_(absmax2[: whole // blocksize2, None].float())
-    if whole < n:
-        out[whole:].mul_(absmax2[whole // blocksize2].float())
-    return out.add_(offset.float())
 
 
 def _dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
@@ -95,11 +78,7 @@ def dequantize_nf4(packed: torch.Tensor, quant_state) -> torch.Tensor:
     s = quant_state
     if s.quant_type != "nf4":
         raise ValueError(f"dequantize_nf4: quant_type is {s.quant_type!r}, expected 'nf4'")
-    if s.nested:
-        absmax = _block_absmax(s.absmax, s.state2.absmax, s.state2.code, s.offset, s.state2.blocksize)
-    else:
-        absmax = s.absmax.float()
-    return _dequantize(packed, absmax, torch.Size(s.shape), s.dtype, s.blocksize)
+    return _dequantize(packed, _weight_from_state(packed, s).scales(), torch.Size(s.shape), s.dtype, s.blocksize)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,8 +95,18 @@ class _Weight:
         self.shape, self.blocksize, self.blocksize2 = torch.Size(shape), blocksize, blocksize2
 
     def scales(self) -> torch.Tensor:
-        """fp32 absmax of every block."""
-        return _block_absmax(self.absmax, self.absmax2, self.code2, self.offset, self.blocksize2)
+        """fp32 absmax of every block, undoing the double quantization when the absmaxes are 8-bit:
+        code2[absmax_u8[b]] * absmax2[b // blocksize2] + offset, the product rounded before the sum
+        (as bitsandbytes)."""
+        if self.absmax2 is None:
+            return self.absmax.float()
+        n, group = self.absmax.numel(), self.blocksize2
+        whole = n - n % group                                     # blocks in whole groups of blocksize2
+        out = self.code2.float().index_select(0, self.absmax.reshape(-1).int())
+        out[:whole].view(-1, group).mul_(self.absmax2[: whole // group, None].float())
+        if whole < n:
+            out[whole:].mul_(self.absmax2[whole // group].float())
+        return out.add_(self.offset.float())
 
     def rows(self, scales: torch.Tensor, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
         """W[r0:r1] in `dtype` (bit-exact dequantization). Row r0 must start a block: r0 * K % blocksize == 0."""
@@ -177,9 +166,10 @@ def _nf4_levels(device: torch.device) -> torch.Tensor:
 
 
 def _weight_from_state(packed: torch.Tensor, s) -> _Weight:
-    nested = s.nested
-    return _Weight(packed, s.absmax, s.state2.absmax if nested else None, s.state2.code if nested else None,
-                   s.offset if nested else None, s.shape, s.blocksize, s.state2.blocksize if nested else 256)
+    """bitsandbytes' packed data and QuantState as a _Weight."""
+    if not s.nested:
+        return _Weight(packed, s.absmax, None, None, None, s.shape, s.blocksize, 256)
+    return _Weight(packed, s.absmax, s.state2.absmax, s.state2.code, s.offset, s.shape, s.blocksize, s.state2.blocksize)
 
 
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, quant_state, backend: str = "auto") -> torch.Tensor:
@@ -237,14 +227,10 @@ class NF4Linear(nn.Module):
         m = cls(in_features, out_features, compute_dtype, bias is not None, device=weight.device)
         packed, s = bnbF.quantize_4bit(weight.detach().to(compute_dtype).contiguous(), blocksize=64,
                                        compress_statistics=True, quant_type="nf4")
-        with torch.no_grad():
-            m.packed.copy_(packed)
-            m.absmax.copy_(s.absmax)
-            m.absmax2.copy_(s.state2.absmax)
-            m.code2.copy_(s.state2.code)
-            m.offset.copy_(s.offset)
-            if bias is not None:
-                m.bias.copy_(bias)
+        state = dict(packed=packed, absmax=s.absmax, absmax2=s.state2.absmax, code2=s.state2.code, offset=s.offset)
+        if bias is not None:
+            state["bias"] = bias
+        m.load_state_dict(state)
         return m
 
     @classmethod
@@ -283,7 +269,7 @@ def quantize_model(model: nn.Module, skip: tuple[str, ...] = ("output", "tok_emb
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if type(child) is nn.Linear and not any(full == s or full.endswith("." + s) for s in skip):
+            if type(child) is nn.Linear and not _skipped(full, skip):
                 setattr(module, child_name, NF4Linear.from_linear(child, compute_dtype))
     return model
 
@@ -294,9 +280,12 @@ def quantize_on_load(skip: tuple[str, ...] = ("output", "tok_embeddings"),
     NF4Linear as it streams off disk, so the dense model never exists in memory at once. Everything else
     (embeddings, norms, the skipped output head) comes back unchanged."""
     def hook(name: str, tensor: torch.Tensor) -> torch.Tensor | nn.Module:
-        module = name.rsplit(".", 1)[0]
-        skipped = any(module == s or module.endswith("." + s) for s in skip)
-        if not name.endswith(".weight") or tensor.ndim != 2 or skipped:
+        if not name.endswith(".weight") or tensor.ndim != 2 or _skipped(name.rsplit(".", 1)[0], skip):
             return tensor
         return NF4Linear.from_weight(tensor, compute_dtype=compute_dtype)
     return hook
+
+
+def _skipped(module: str, skip: tuple[str, ...]) -> bool:
+    """Whether the qualified module name is, or ends in, a `skip` entry ("output" matches "output" and "x.output")."""
+    return any(module == s or module.endswith("." + s) for s in skip)

@@ -253,6 +253,10 @@ def _cfg(m, c, r, warps, stages, group=8):
                          num_warps=warps, num_stages=stages)
 
 
+def _gemv_cfg(c, r, warps, stages):  # BLOCK_M (1 or 16) is set by the wrapper
+    return triton.Config({"BLOCK_C": c, "BLOCK_R": r, "GROUP_M": 1}, num_warps=warps, num_stages=stages)
+
+
 # The software pipeliner stages the x tile, the packed bytes, the absmax and the gathered NF4 values in
 # shared memory, once per stage; a config that does not fit a GPU's shared memory fails to compile there and
 # autotuning skips it.
@@ -285,29 +289,25 @@ GEMV_CONFIGS = [
     # the loads in flight come from occupancy: a program holds a BLOCK_C x BLOCK_R fp32 accumulator and
     # shared memory for the final reduction, small enough for several programs per SM, and split-K supplies
     # the programs when the output is narrow. The stages matter for M = 2..16, where the 16-row dot is
-    # pipelined. BLOCK_M is set by the wrapper (1 or 16).
-    triton.Config({"BLOCK_C": 32, "BLOCK_R": 256, "GROUP_M": 1}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_C": 16, "BLOCK_R": 512, "GROUP_M": 1}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_C": 64, "BLOCK_R": 128, "GROUP_M": 1}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_C": 64, "BLOCK_R": 256, "GROUP_M": 1}, num_warps=8, num_stages=3),
+    # pipelined.
+    _gemv_cfg(32, 256, 4, 3),
+    _gemv_cfg(16, 512, 4, 3),
+    _gemv_cfg(64, 128, 4, 4),
+    _gemv_cfg(64, 256, 8, 3),
 ]
 
 # K % 64 != 0 (no Llama shape, but any weight may come in): every value's byte and absmax are gathered one by
 # one, and the software pipeliner stages those per-value gathers in shared memory too: at the 3-4 stages of the
 # configs above that is more than any GPU has. One or two stages fit.
 GEMM_CONFIGS_ANY_K = [_cfg(64, 64, 64, 4, 2), _cfg(128, 128, 64, 8, 1), _cfg(32, 64, 64, 4, 2)]
-GEMV_CONFIGS_ANY_K = [
-    triton.Config({"BLOCK_C": 32, "BLOCK_R": 128, "GROUP_M": 1}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_C": 64, "BLOCK_R": 128, "GROUP_M": 1}, num_warps=4, num_stages=1),
-]
+GEMV_CONFIGS_ANY_K = [_gemv_cfg(32, 128, 4, 1), _gemv_cfg(64, 128, 4, 1)]
 
 if INTERPRET:
     # The interpreter runs every program in numpy: one small config each (and so no autotuning). Chosen to
     # exercise every branch of _dequant_tile's ALIGNED path: 64-wide rows (GEMM forward), 32-wide rows
     # (GEMM backward: part of one block) and two blocks per row (GEMV forward, BLOCK_R = 128).
     GEMM_CONFIGS = GEMM_CONFIGS_ANY_K = [_cfg(16, 32, 64, 4, 1)]
-    GEMV_CONFIGS = GEMV_CONFIGS_ANY_K = [
-        triton.Config({"BLOCK_C": 64, "BLOCK_R": 128, "GROUP_M": 1}, num_warps=4, num_stages=1)]
+    GEMV_CONFIGS = GEMV_CONFIGS_ANY_K = [_gemv_cfg(64, 128, 4, 1)]
 
 
 
