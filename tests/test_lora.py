@@ -42,19 +42,25 @@ def test_lora_linear_formula_and_grads_against_plain_autograd():
             m.lora_B.normal_()
         s = 8 / 4**0.5 if rslora else 8 / 4
         x = torch.randn(2, 5, 12, requires_grad=True)
-        y = m(x)
-        g = torch.randn_like(y)
-        y.backward(g)
+        assert_matches_autograd(m, x, lambda xr, A, B: xr @ base.weight.T + base.bias + s * (xr @ A.T) @ B.T,
+                                y_tol=1e-6)
 
-        A = m.lora_A.detach().clone().requires_grad_()
-        B = m.lora_B.detach().clone().requires_grad_()
-        xr = x.detach().clone().requires_grad_()
-        yr = xr @ base.weight.T + base.bias + s * (xr @ A.T) @ B.T
-        yr.backward(g)
-        torch.testing.assert_close(y, yr, atol=1e-6, rtol=1e-6)
-        for got, want in ((x.grad, xr.grad), (m.lora_A.grad, A.grad), (m.lora_B.grad, B.grad)):
-            assert want.abs().max() > 0.1
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+def assert_matches_autograd(m, x, reference, seed=None, y_tol=1e-5):
+    """m(x) and its gradients (x, lora_A, lora_B) against plain autograd through reference(x, A, B) on copies;
+    `seed` is set before m(x) (it fixes the dropout mask)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    y = m(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    A, B, xr = (t.detach().clone().requires_grad_() for t in (m.lora_A, m.lora_B, x))
+    yr = reference(xr, A, B)
+    yr.backward(g)
+    torch.testing.assert_close(y, yr, atol=y_tol, rtol=y_tol)
+    for got, want in ((x.grad, xr.grad), (m.lora_A.grad, A.grad), (m.lora_B.grad, B.grad)):
+        assert want.abs().max() > 0.1
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5])
@@ -76,20 +82,8 @@ def test_dropout_gradients_with_the_same_mask(p):
     m = LoRALinear(base, r=4, alpha=8, dropout=p)
     with torch.no_grad():
         m.lora_B.normal_()
-    torch.manual_seed(torch_seed)
-    y = m(x)
-    g = torch.randn_like(y)
-    y.backward(g)
-
-    A = m.lora_A.detach().clone().requires_grad_()
-    B = m.lora_B.detach().clone().requires_grad_()
-    xr = x.detach().clone().requires_grad_()
-    yr = base(xr) + 2.0 * ((xr * keep / keep_prob(p)) @ A.T) @ B.T
-    yr.backward(g)
-    torch.testing.assert_close(y, yr, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(m.lora_A.grad, A.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(m.lora_B.grad, B.grad, atol=1e-5, rtol=1e-5)
+    assert_matches_autograd(m, x, lambda xr, A, B: base(xr) + 2.0 * ((xr * keep / keep_prob(p)) @ A.T) @ B.T,
+                            seed=torch_seed)
 
     # eval mode: no dropout at all
     m.eval()
