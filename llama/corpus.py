@@ -248,6 +248,8 @@ def prepare_corpus(data: list[str], tokenizer: Tokenizer, dest: Path, opts: Data
                    progress: bool = True, key: dict | None = None) -> dict:
     """Tokenize, filter and split the sources into the folder `dest` (replaced atomically); returns meta.json's
     content. A DataError leaves `dest` as it was."""
+    if not data:
+        raise DataError("no data sources given (expected one or more files or folders)")
     dest = Path(dest)
     key = key or corpus_key(data, tokenizer, opts)
     dest.parent.mkdir(parents=True, exist_ok=True)

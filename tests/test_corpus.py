@@ -103,6 +103,12 @@ def test_bad_row_in_a_worker_names_the_row_and_leaves_no_folder(tmp_path, tok, m
     assert sorted(f.name for f in tmp_path.iterdir()) == ["d.jsonl"]
 
 
+def test_no_sources_is_a_data_error(tmp_path, tok):
+    with pytest.raises(DataError, match="no data sources given"):
+        corpus.prepare_corpus([], tok, tmp_path / "c", corpus.DataOptions())
+    assert not (tmp_path / "c").exists()
+
+
 def bfd_reference(lengths, seq_len):
     """Best-fit decreasing written plainly: longest first (stable), into the fullest row that still fits
     (the first such row on ties), else a new row."""
