@@ -52,7 +52,7 @@ import lora
 import quant
 from llama import Tokenizer, Transformer, corpus, load_model, save_model
 from llama.chat import TEMPLATES, encode_chat, required_special_tokens, save_tokenizer_files, stop_ids
-from llama.checkpoint import CheckpointError, find_tokenizer, resolve_checkpoint
+from llama.checkpoint import CheckpointError, find_tokenizer, resolve_checkpoint, weights_size
 from llama.data import DataError, read_dialogs
 from llama.generate import DTYPES, chat_loop, generate, load_chat_model, resolve_device_dtype
 from llama.model import resize_embeddings
@@ -869,7 +869,7 @@ def summary_lines(cfg: TrainConfig, model, quantized: bool, data: Data, run: Run
         n_params = sum(p.numel() for p in Transformer(model.args).parameters())
     a = model.args
     ckpt = Path(cfg.ckpt)
-    disk = sum(f.stat().st_size for f in ckpt.glob("*") if f.suffix in (".pth", ".safetensors", ".bin"))
+    disk = weights_size(ckpt)
     layout = "Meta" if (ckpt / "params.json").is_file() else "HF"
     if cfg.full:
         mode = "full fine-tuning (every weight trains)"

@@ -196,6 +196,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
                           "else $HF_HOME/hub, else ~/.cache/huggingface/hub), or pass the checkpoint's folder")
 
 
+def weights_size(path: str | Path) -> int:
+    """Bytes of weight files (.pth, .safetensors, .bin) directly in the checkpoint folder `path`."""
+    return sum(f.stat().st_size for f in Path(path).glob("*") if f.suffix in (".pth", ".safetensors", ".bin"))
+
+
 def find_tokenizer(path: str | Path) -> Path | None:
     """tokenizer.model in the checkpoint folder, or in its parent (Meta's download puts it beside the
     llama-2-7b/ folders). A repo id is looked up in the hub cache first (`resolve_checkpoint`)."""

@@ -183,8 +183,8 @@ def resolve_device_dtype(device: str, dtype: str, ckpt: str | Path) -> tuple[tor
     would double)."""
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if dtype == "auto":
-        size = sum(f.stat().st_size for f in Path(ckpt).glob("*") if f.suffix in (".pth", ".safetensors", ".bin"))
-        dtype = "bf16" if dev.type == "cuda" or size > 2 * 2**30 else "fp32"
+        from .checkpoint import weights_size
+        dtype = "bf16" if dev.type == "cuda" or weights_size(ckpt) > 2 * 2**30 else "fp32"
     return dev, DTYPES[dtype]
 
 
