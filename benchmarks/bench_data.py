@@ -98,7 +98,7 @@ elif mode == "draw":
     from llama import Tokenizer
     tok = Tokenizer(os.path.join(cfg["ckpt"], "tokenizer.model"))
     base = rss()
-    meta, splits = corpus.open_corpus(os.path.join(cfg["out"], "data"), tok)
+    meta, splits = corpus.open_corpus(os.path.join(cfg["out"], "data"))
     split = splits["train"]
     rows = corpus.make_rows(split, cfg["seq_len"], True)
     t0 = time.time()

@@ -6,9 +6,10 @@ QLoRA step in bf16 autocast on CUDA). What "the same computation" means:
 - weights: a random `LlamaConfig` model (norm weights randomised too) saved with `save_pretrained`; ours
   loads that folder with `llama.load_model`. The adapter (random B, so the LoRA path is not a no-op) is
   written by peft's `save_pretrained` and loaded by both.
-- packed batch: `train.pack` rows with document ids. Ours takes `doc_ids`; HF gets `position_ids` that
-  restart at 0 at each document and no attention_mask, from which transformers builds the same
-  block-diagonal causal mask (`masking_utils.find_packed_sequence_indices`: TRL's padding-free packing).
+- packed batch: `pack` rows (the product's packing, every row at once) with document ids. Ours takes
+  `doc_ids`; HF gets `position_ids` that restart at 0 at each document and no attention_mask, from which
+  transformers builds the same block-diagonal causal mask (`masking_utils.find_packed_sequence_indices`: TRL's
+  padding-free packing).
   Labels: ours are already shifted (label[i] = token[i+1]); HF shifts inside its loss, so it gets them
   moved one place right. Both losses are the mean over the same trained tokens.
 - ours: `train.build_model` (load -> NF4-quantize while streaming -> LoRA) and `train.loss_sum`; HF:
@@ -98,11 +99,25 @@ def make_inputs(work: Path, size: str, dtype: str, lora_dropout: float) -> Path:
     return work
 
 
+def pack(samples: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """(ids, mask) samples packed by the product's own code (llama.corpus: the best-fit-decreasing row plan, then
+    build_batch), every row at once: tokens/labels/doc_ids [R, seq_len]. Training builds only the rows each
+    micro-batch draws, from the corpus on disk; this is the whole-corpus form, from samples in memory."""
+    import numpy as np
+
+    from llama import corpus
+    split = corpus.Split(ids=np.array([t for ids, _ in samples for t in ids], np.int32),
+                         mask=np.array([m for _, mask in samples for m in mask], np.uint8),
+                         offsets=np.concatenate(([0], np.cumsum([len(ids) for ids, _ in samples]))).astype(np.int64),
+                         targets=np.array([sum(mask[1:]) for _, mask in samples], np.int32))
+    rows = corpus.make_rows(split, seq_len)
+    batch = corpus.build_batch(split, rows, range(len(rows)), seq_len, pad_id)
+    return {k: torch.from_numpy(v) for k, v in batch.items()}
+
+
 def make_batch(path: Path, seq_len: int, tokens_per_step: int, vocab: int, seed: int = 0) -> dict:
     """Synthetic SFT samples (lengths seq_len/16 .. seq_len/2, the first 30% of each untrained: the
-    prompt) packed by train.pack; the first tokens_per_step // seq_len rows form the batch (saved to path)."""
-    import train
-
+    prompt) packed by `pack`; the first tokens_per_step // seq_len rows form the batch (saved to path)."""
     rows = max(1, tokens_per_step // seq_len)
     g = torch.Generator().manual_seed(seed)
     samples, total = [], 0
@@ -112,7 +127,7 @@ def make_batch(path: Path, seq_len: int, tokens_per_step: int, vocab: int, seed:
         n_prompt = int(0.3 * n)
         samples.append((ids, [False] * n_prompt + [True] * (n - n_prompt)))
         total += n
-    packed = {k: v[:rows] for k, v in train.pack(samples, seq_len, pad_id=0).items()}
+    packed = {k: v[:rows] for k, v in pack(samples, seq_len, pad_id=0).items()}
     # HF: positions restart at every document (the padding tail included, as ours does) ...
     pos = torch.zeros_like(packed["doc_ids"])
     for r in range(rows):
@@ -148,7 +163,7 @@ def build_ours(spec: dict, device: torch.device, dtype: torch.dtype):
                             lora_r=R, lora_alpha=ALPHA, lora_dropout=spec["lora_dropout"],
                             grad_checkpointing=spec["mode"].endswith("+gc"), device=str(device),
                             init_adapter="" if mode == "full" else spec["adapter"], lr=LR)
-    model, _ = train.build_model(cfg, None, [], device, dtype)
+    model, _ = train.build_model(cfg, device, dtype)
     if spec.get("perturb"):  # tests: a different computation must be caught by the parity check
         with torch.no_grad():
             model.norm.weight.mul_(1 + spec["perturb"])

@@ -104,6 +104,22 @@ def key_difference(a: dict, b: dict) -> list[str]:
     return (["data files"] if content(a) != content(b) else []) + diff
 
 
+def check_fits(folder: Path, key: dict, tokenizer: Tokenizer, template: str, seq_len: int) -> None:
+    """The one check that a prepared corpus (`key`: its meta.json key) fits a run: written with this tokenizer
+    (added tokens included) and template, no sample longer than the run's seq_len. A DataError says what to do."""
+    theirs, ours = str(key.get("tokenizer_sha256")), tokenizer_sha256(tokenizer)
+    if theirs != ours:
+        raise DataError(f"prepared data {folder} was tokenized with another tokenizer (sha256 {theirs[:12]}..., "
+                        f"this run's is {ours[:12]}...; with --template chatml the added tokens count): prepare it "
+                        "again with this run's --ckpt and --template")
+    if key.get("template") != template:
+        raise DataError(f"prepared data {folder} was rendered with --template {key.get('template')}; "
+                        f"pass --template {key.get('template')} (this run has {template})")
+    if key.get("seq_len", 0) > seq_len:
+        raise DataError(f"prepared data {folder} holds samples of up to {key['seq_len']} tokens "
+                        f"(--seq-len {key['seq_len']}); pass --seq-len {key['seq_len']} or prepare it again")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Tokenization: chunks of dialogs -> numpy arrays, in worker processes.
 
@@ -390,7 +406,7 @@ def pack_plan(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray
 
 @dataclass
 class Split:
-    """One split of a corpus: memory-mapped arrays (or in-memory ones, see `split_from_samples`)."""
+    """One split of a corpus: memory-mapped arrays."""
     ids: np.ndarray
     mask: np.ndarray
     offsets: np.ndarray
@@ -420,15 +436,6 @@ class Rows:
 
     def __len__(self) -> int:
         return len(self.starts) - 1
-
-
-def split_from_samples(samples: list[tuple[list[int], list[bool]]]) -> Split:
-    """An in-memory Split from (ids, mask) pairs."""
-    offsets = _starts([len(ids) for ids, _ in samples])
-    ids = np.array([t for s, _ in samples for t in s], np.int32)
-    mask = np.array([m for _, ms in samples for m in ms], np.uint8)
-    targets = np.array([sum(m[1:]) for _, m in samples], np.int32)
-    return Split(ids, mask, offsets, targets)
 
 
 def make_rows(split: Split, seq_len: int, packing: bool = True) -> Rows:
@@ -483,18 +490,12 @@ def read_meta(folder: Path) -> dict:
     return meta
 
 
-def open_corpus(folder: Path, tokenizer: Tokenizer | None = None) -> tuple[dict, dict[str, Split]]:
+def open_corpus(folder: Path) -> tuple[dict, dict[str, Split]]:
     """(meta, {"train": Split, "val": Split (when there is one)}) of a prepared folder, memory-mapped and
-    checked: every array there with the right dtype and a length that agrees with the others, and, given a
-    tokenizer, the same tokenizer sha256 as the one it was written with. Any disagreement is a DataError
-    naming the folder."""
+    checked: every array there with the right dtype and a length that agrees with the others. Any disagreement
+    is a DataError naming the folder. (Whether it fits a run: `check_fits`.)"""
     folder = Path(folder)
     meta = read_meta(folder)
-    if tokenizer is not None and meta["key"].get("tokenizer_sha256") != tokenizer_sha256(tokenizer):
-        raise DataError(f"prepared data {folder} was tokenized with another tokenizer (sha256 "
-                        f"{str(meta['key'].get('tokenizer_sha256'))[:12]}..., this run's is "
-                        f"{tokenizer_sha256(tokenizer)[:12]}...; with --template chatml the added tokens count): "
-                        "prepare it again with this run's --ckpt and --template")
     splits = {}
     for name in [s for s in ("train", "val") if s in meta["splits"]]:
         arrays = {}

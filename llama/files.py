@@ -6,7 +6,7 @@ progress line.
   crash at any moment leaves either the old folder or the new one, never half of one. On an exception the
   temporary folder goes and `dest` stays as it was.
 - `Progress(label)`: `progress(text)` rewrites one line in place on a terminal; in a log file it prints a line
-  at most every `log_every` seconds. `done=True` ends the line.
+  at most every `log_every` seconds. `done=True` ends the line. An empty label prints the text alone.
 """
 from __future__ import annotations
 
@@ -72,5 +72,5 @@ class Progress:
         if not show:
             return
         self.last, self.shown = now, True
-        print(f"{chr(13) if self.tty else ''}{self.label}: {text}   ", end="\n" if done or not self.tty else "",
-              flush=True)
+        head = f"{self.label}: " if self.label else ""  # an empty label: the text alone
+        print(f"{chr(13) if self.tty else ''}{head}{text}   ", end="\n" if done or not self.tty else "", flush=True)

@@ -64,7 +64,7 @@ def test_arrays_equal_encode_chat_in_shuffled_order(tmp_path, tok):
     assert meta["stats"]["total"]["truncated"] == sum(len(encode_chat(tok, r["messages"], "llama2")[0]) > 256 for r in rows)
     assert meta["stats"]["total"]["tokens"] == len(a["ids"])
     # training reads it memory-mapped
-    _, splits = corpus.open_corpus(tmp_path / "c", tok)
+    _, splits = corpus.open_corpus(tmp_path / "c")
     assert isinstance(splits["train"].ids, np.memmap) and isinstance(splits["train"].mask, np.memmap)
 
 
@@ -135,8 +135,9 @@ def test_pack_plan_is_best_fit_decreasing(seed):
 
 
 def test_build_batch_against_hand_made_rows(tok):
-    samples = [([1, 5, 6, 7, 2], [False, False, True, True, True]), ([1, 9, 2], [False, True, True])]
-    split = corpus.split_from_samples(samples)
+    # two samples, [1, 5, 6, 7, 2] (trained from 6 on) and [1, 9, 2] (trained from 9 on), concatenated
+    split = corpus.Split(ids=np.array([1, 5, 6, 7, 2, 1, 9, 2], np.int32),
+                         mask=np.array([0, 0, 1, 1, 1, 0, 1, 1], np.uint8), offsets=np.array([0, 5, 8], np.int64), targets=np.array([3, 2], np.int32))
     rows = corpus.make_rows(split, 10, packing=True)
     b = corpus.build_batch(split, rows, [0], 10, pad_id=0)
     assert b["tokens"].tolist() == [[1, 5, 6, 7, 2, 1, 9, 2, 0, 0]]
@@ -153,7 +154,7 @@ def test_open_corpus_rejects_disagreeing_arrays(tmp_path, tok):
     offsets = np.load(tmp_path / "c" / "train" / "offsets.npy")
     np.save(tmp_path / "c" / "train" / "offsets.npy", offsets[:-1])
     with pytest.raises(DataError, match=re.escape(f"prepared data {tmp_path / 'c'}: the train arrays disagree")):
-        corpus.open_corpus(tmp_path / "c", tok)
+        corpus.open_corpus(tmp_path / "c")
 
 
 # ---- train.py: --prepare-data, the key, a prepared folder as --data, --show-samples
@@ -257,14 +258,14 @@ def test_val_split_and_fraction_draw_whole_oasst_trees(tmp_path, tok):
     p = write_jsonl(tmp_path / "oasst.messages.jsonl", oasst_rows(40))
     corpus.prepare_corpus([str(p)], tok, tmp_path / "c", corpus.DataOptions(seq_len=128, val_split=0.3, seed=1),
                           workers=1, progress=False)
-    _, splits = corpus.open_corpus(tmp_path / "c", tok)
+    _, splits = corpus.open_corpus(tmp_path / "c")
     train_trees, val_trees = trees_of(splits["train"], tok), trees_of(splits["val"], tok)
     assert not set(train_trees) & set(val_trees)  # no tree on both sides
     assert sorted(train_trees + val_trees) == sorted(list(range(40)) * 2)  # both threads of every tree
     assert len(val_trees) == 24  # int(80 samples * 0.3) = 24: whole trees of two threads until that is reached
     corpus.prepare_corpus([f"{p}:0.5"], tok, tmp_path / "h", corpus.DataOptions(seq_len=128), workers=1,
                           progress=False)
-    half = trees_of(corpus.open_corpus(tmp_path / "h", tok)[1]["train"], tok)
+    half = trees_of(corpus.open_corpus(tmp_path / "h")[1]["train"], tok)
     assert len(set(half)) == 20 and sorted(half) == sorted(list(set(half)) * 2)  # half the trees, whole
 
 

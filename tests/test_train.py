@@ -3,6 +3,8 @@ is tested in test_reliability.py)."""
 import json
 import math
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,9 @@ from llama import ModelArgs, Tokenizer, Transformer, corpus
 from llama.chat import encode_chat
 from llama.data import DataError
 from llama.generate import resolve_device_dtype
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from parity import pack  # noqa: E402  (whole-corpus packing by llama.corpus, shared with the parity benchmark)
 
 DEMO_TOK = train.DEMO / "tiny-llama" / "tokenizer.model"
 
@@ -39,7 +44,7 @@ def prepare(tmp_path, tok, data, **opts):
     """prepare_corpus into a fresh folder -> (stats, [(ids, mask)] train, [(ids, mask)] val)."""
     dest = tmp_path / f"c{len(list(tmp_path.glob('c*')))}"
     meta = corpus.prepare_corpus(data, tok, dest, corpus.DataOptions(**opts), workers=1, progress=False)
-    _, splits = corpus.open_corpus(dest, tok)
+    _, splits = corpus.open_corpus(dest)
     samples = {k: [(i.tolist(), m.astype(bool).tolist()) for i, m in map(v.sample, range(len(v)))]
                for k, v in splits.items()}
     return meta["stats"], samples["train"], samples.get("val", [])
@@ -118,7 +123,7 @@ def test_pack_rows_are_full_and_complete():
     rng = torch.Generator().manual_seed(0)
     samples = [(torch.randint(3, 50, (int(n),), generator=rng).tolist(), [True] * int(n))
                for n in torch.randint(2, 60, (50,), generator=rng)]
-    rows = train.pack(samples, 64, pad_id=0)
+    rows = pack(samples, 64, pad_id=0)
     assert rows["tokens"].shape[1] == 64
     # every sample appears exactly once as one contiguous document
     found = []
@@ -153,7 +158,7 @@ def test_packed_loss_equals_token_weighted_loss_of_documents(tok):
                [{"role": "user", "content": "What is the opposite of up?"},
                 {"role": "assistant", "content": "The opposite of up is down."}]]
     samples = [encode_chat(tok, m, "llama2") for m in dialogs]
-    rows = train.pack(samples, 128, tok.eos_id)
+    rows = pack(samples, 128, tok.eos_id)
     assert len(rows["tokens"]) == 1  # all three share one row
     with torch.no_grad():
         packed = train.loss_sum(model, rows["tokens"], rows["labels"], rows["doc_ids"]).item()
