@@ -829,6 +829,8 @@ def stop_on_signal():
 
 
 def train(cfg: TrainConfig, dist: Dist) -> dict:
+    """One run: the stages above in order, then the loop (learning rate, one step, the non-finite guard, eval,
+    log, save) and the outputs. Returns what OUT/result.json holds."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -861,12 +863,12 @@ def train(cfg: TrainConfig, dist: Dist) -> dict:
 
     model.train()
     bad_steps, last, line = 0, {}, Progress("", log_every=0)
-    # metrics.jsonl line-buffered: each line reaches the file as it is written
+    # OUT/metrics.jsonl (rank 0), line-buffered: each line reaches the file as it is written
     metrics = open(out / "metrics.jsonl", "a", buffering=1) if dist.rank == 0 else contextlib.nullcontext()
     with stop_on_signal() as stop, metrics as metrics_f:
-        while run.step < run.total:
+        while run.step < total:
             t_step = time.time()
-            lr = lr_at(run.step, run.total, cfg)
+            lr = lr_at(run.step, total, cfg)
             loss, grad_norm = train_step(cfg, run, data, lr)
             run.step += 1
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):

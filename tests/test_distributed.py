@@ -40,3 +40,16 @@ def test_two_processes_match_one(tmp_path, ckpt, mode):
     assert len(one) == len(two) == 4
     assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5, (one, two)
     assert one[-1] < one[0]
+
+
+def test_fsdp_checkpoint_is_whole_and_resumes_exactly(tmp_path, ckpt):
+    """FSDP: every rank writes its shard into rank 0's temporary folder, which then appears whole as
+    checkpoint-STEP; a run resumed from it logs the losses of the uninterrupted run."""
+    steps = ["--full", "--schedule", "constant"]
+    ref, _ = run(ckpt, tmp_path / "ref", 2, 2, 1, *steps)
+    out = tmp_path / "resumed"
+    run(ckpt, out, 2, 2, 1, *steps, "--max-steps", "2", "--save-every", "2")
+    assert sorted(p.name for p in (out / "checkpoint-2").iterdir()) == ["dcp", "rng-rank0.pt", "rng-rank1.pt", "state.pt"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    resumed, _ = run(ckpt, out, 2, 2, 1, *steps, "--resume")
+    assert resumed == ref

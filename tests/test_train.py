@@ -230,11 +230,12 @@ def run(tmp_path, ckpt, *extra):
 def test_loss_decreases(tmp_path, tiny_ckpt, mode, capsys):
     metrics, out = run(tmp_path, tiny_ckpt, "--max-steps", "16", "--lora-dropout", "0", "--schedule", "constant",
                        "--max-grad-norm", "1", *mode)
-    # loading shows progress (minutes for 7B on a CPU): a line per 10% in a log, the last one at 100%
+    # loading shows progress (minutes for 7B on a CPU): in a log, the first tensor, then a line at most every 10 s
+    # (llama.files.Progress), the last one at 100%; never a line per tensor
     lines = re.findall(r"loading weights: (\d+)/(\d+) tensors \((\d+)%\)", capsys.readouterr().out)
     n_layers = 2  # tiny_train_ckpt: 9 tensors per layer + embeddings, final norm, head
     n = str(9 * n_layers + 3)
-    assert lines[-1] == (n, n, "100") and len(lines) <= 11  # at most one line per 10% (0%, ..., 100%)
+    assert lines[-1] == (n, n, "100") and len(lines) < int(n)
     assert metrics[-1]["loss"] < 0.5 * metrics[0]["loss"]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_mb"} <= set(metrics[0])
     assert (out / ("model" if "--full" in mode else "adapter")).exists()
