@@ -51,9 +51,10 @@ import torch
 import lora
 import quant
 from llama import Tokenizer, Transformer, corpus, load_model, save_model
-from llama.chat import TEMPLATES, encode_chat, required_special_tokens, save_tokenizer_files, stop_ids
+from llama.chat import TEMPLATES, encode_chat, required_special_tokens, stop_ids
 from llama.checkpoint import CheckpointError, find_tokenizer, resolve_checkpoint, weights_size
 from llama.data import DataError, read_dialogs
+from llama.export import save_tokenizer_files
 from llama.generate import DTYPES, chat_loop, generate, load_chat_model, resolve_device_dtype
 from llama.model import resize_embeddings
 

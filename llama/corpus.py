@@ -25,11 +25,10 @@ import json
 import multiprocessing as mp
 import os
 import random
-import shutil
 import sys
-import time
 from bisect import bisect_left, insort
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from itertools import chain, islice
 from pathlib import Path
@@ -38,6 +37,7 @@ import numpy as np
 
 from .chat import encode_chat
 from .data import DataError, data_files, parse_data_spec, read_dialogs
+from .files import Progress, atomic_folder
 from .tokenizer import Tokenizer
 
 VERSION = 1
@@ -84,7 +84,6 @@ def corpus_key(data: list[str], tokenizer: Tokenizer, opts: DataOptions) -> dict
     # The whole content is hashed, not size + mtime (a copy or an edit in place keeps those) nor sampled blocks
     # (a changed row in between would go unseen): streamed sha256 runs at disk/memory speed, and the files
     # are hashed in threads (hashlib releases the GIL), so a sharded hub folder takes about its largest file.
-    from concurrent.futures import ThreadPoolExecutor
     sources = []
     with ThreadPoolExecutor(resolve_workers(0)) as ex:
         for path, fraction in map(parse_data_spec, data):
@@ -208,22 +207,10 @@ def _write_npy(path: Path, dtype, n: int):
     return f
 
 
-class _Progress:
-    """One line rewritten in place on a terminal, a line every 10 s in a log; silent for work under 2 s."""
-
-    def __init__(self, show: bool):
-        self.show, self.tty, self.shown = show, sys.stdout.isatty(), False
-        self.t0 = self.last = time.time()
-
-    def __call__(self, rows: int, tokens: int, done: bool = False) -> None:
-        now = time.time()
-        due = now - self.last >= (1 if self.tty else 10) and now - self.t0 >= 2
-        if not self.show or not (self.shown if done else due):  # the last line only after a first one
-            return
-        self.last, self.shown = now, True
-        dt = max(now - self.t0, 1e-9)
-        print(f"{chr(13) if self.tty else ''}tokenizing: {rows:,} rows, {tokens:,} tokens, {rows / dt:,.0f} rows/s, "
-              f"{tokens / dt / 1e6:.2f}M tokens/s, {dt:.0f}s   ", end="\n" if done or not self.tty else "", flush=True)
+def _show_progress(progress: Progress, rows: int, tokens: int, done: bool = False) -> None:
+    dt = max(progress.elapsed(), 1e-9)
+    progress(f"{rows:,} rows, {tokens:,} tokens, {rows / dt:,.0f} rows/s, {tokens / dt / 1e6:.2f}M tokens/s, {dt:.0f}s",
+             done)
 
 
 def _starts(lengths) -> np.ndarray:
@@ -245,34 +232,21 @@ def _stats(cat: dict, picked: np.ndarray, train: np.ndarray, val: np.ndarray) ->
 
 
 def prepare_corpus(data: list[str], tokenizer: Tokenizer, dest: Path, opts: DataOptions, *, workers: int = 0,
-                   progress: bool = True, key: dict | None = None) -> dict:
+                   key: dict | None = None) -> dict:
     """Tokenize, filter and split the sources into the folder `dest` (replaced atomically); returns meta.json's
     content. A DataError leaves `dest` as it was."""
     if not data:
         raise DataError("no data sources given (expected one or more files or folders)")
-    dest = Path(dest)
     key = key or corpus_key(data, tokenizer, opts)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        meta = _prepare(data, tokenizer, tmp, opts, resolve_workers(workers), progress, key)
-        old = dest.parent / f".old-{dest.name}-{os.getpid()}"
-        if dest.exists():
-            os.rename(dest, old)
-        os.rename(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-        return meta
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_folder(dest) as tmp:
+        return _prepare(data, tokenizer, tmp, opts, resolve_workers(workers), key)
 
 
-def _prepare(data, tokenizer, tmp: Path, opts: DataOptions, workers: int, progress: bool, key: dict) -> dict:
+def _prepare(data, tokenizer, tmp: Path, opts: DataOptions, workers: int, key: dict) -> dict:
     # 1) every sample of every source, tokenized in file order, appended to flat temp files
     per: dict[str, list] = {k: [] for k in ("kept", "full", "status", "trained", "targets")}
     groups: list[list[int]] = []  # per source: each sample's group, numbered by first appearance
-    show = _Progress(progress)
+    show = Progress("tokenizing", tty_every=1, log_every=10, quiet=2)
     rows = tokens = 0
     with open(tmp / "all_ids.bin", "wb") as fi, open(tmp / "all_mask.bin", "wb") as fm:
         for spec in data:
@@ -285,8 +259,8 @@ def _prepare(data, tokenizer, tmp: Path, opts: DataOptions, workers: int, progre
                 for k in per:
                     per[k].append(r[k])
                 rows, tokens = rows + len(r["kept"]), tokens + len(r["ids"])
-                show(rows, tokens)
-    show(rows, tokens, done=True)
+                _show_progress(show, rows, tokens)
+    _show_progress(show, rows, tokens, done=True)
     cat = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in per.items()}
     start = _starts(cat["kept"])  # where each sample's kept tokens are in the temp files
 

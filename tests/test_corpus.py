@@ -49,7 +49,7 @@ def test_arrays_equal_encode_chat_in_shuffled_order(tmp_path, tok):
     rows = dialogs(300)
     p = write_jsonl(tmp_path / "d.jsonl", rows)
     meta = corpus.prepare_corpus([str(p)], tok, tmp_path / "c", corpus.DataOptions(seq_len=256, seed=7),
-                                 workers=1, progress=False)
+                                 workers=1)
     # reference: the rows in random.Random(seed).shuffle order, each through encode_chat, truncated to seq_len
     order = list(range(len(rows)))
     random.Random(7).shuffle(order)
@@ -79,8 +79,7 @@ def test_worker_count_does_not_change_the_arrays(tmp_path, monkeypatch, template
     opts = corpus.DataOptions(template=template, seq_len=128, val_split=0.1, max_val=15, seed=3, overlong="drop")
     metas = []
     for w in (1, 2, 3):
-        metas.append(corpus.prepare_corpus([f"{p}:0.8", str(q)], tok, tmp_path / f"w{w}", opts, workers=w,
-                                           progress=False))
+        metas.append(corpus.prepare_corpus([f"{p}:0.8", str(q)], tok, tmp_path / f"w{w}", opts, workers=w))
     assert metas[0]["stats"]["total"]["skipped"]  # the drop filter did something
     if template == "chatml":
         assert tok.special_tokens["<|im_end|>"] in np.load(tmp_path / "w1" / "train" / "ids.npy")
@@ -98,8 +97,7 @@ def test_bad_row_in_a_worker_names_the_row_and_leaves_no_folder(tmp_path, tok, m
     rows[37] = {"messages": [{"role": "assistant", "content": "first"}]}  # llama2 needs a user turn first
     p = write_jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(DataError, match=re.escape(f"{p}:38: message 0 is 'assistant'")):
-        corpus.prepare_corpus([str(p)], tok, tmp_path / "c", corpus.DataOptions(seq_len=128), workers=2,
-                              progress=False)
+        corpus.prepare_corpus([str(p)], tok, tmp_path / "c", corpus.DataOptions(seq_len=128), workers=2)
     assert sorted(f.name for f in tmp_path.iterdir()) == ["d.jsonl"]
 
 
@@ -149,7 +147,7 @@ def test_build_batch_against_hand_made_rows(tok):
 
 def test_open_corpus_rejects_disagreeing_arrays(tmp_path, tok):
     p = write_jsonl(tmp_path / "d.jsonl", dialogs(20))
-    corpus.prepare_corpus([str(p)], tok, tmp_path / "c", corpus.DataOptions(seq_len=128), workers=1, progress=False)
+    corpus.prepare_corpus([str(p)], tok, tmp_path / "c", corpus.DataOptions(seq_len=128), workers=1)
     offsets = np.load(tmp_path / "c" / "train" / "offsets.npy")
     np.save(tmp_path / "c" / "train" / "offsets.npy", offsets[:-1])
     with pytest.raises(DataError, match=re.escape(f"prepared data {tmp_path / 'c'}: the train arrays disagree")):
@@ -256,14 +254,13 @@ def trees_of(split, tok) -> list[int]:
 def test_val_split_and_fraction_draw_whole_oasst_trees(tmp_path, tok):
     p = write_jsonl(tmp_path / "oasst.messages.jsonl", oasst_rows(40))
     corpus.prepare_corpus([str(p)], tok, tmp_path / "c", corpus.DataOptions(seq_len=128, val_split=0.3, seed=1),
-                          workers=1, progress=False)
+                          workers=1)
     _, splits = corpus.open_corpus(tmp_path / "c", tok)
     train_trees, val_trees = trees_of(splits["train"], tok), trees_of(splits["val"], tok)
     assert not set(train_trees) & set(val_trees)  # no tree on both sides
     assert sorted(train_trees + val_trees) == sorted(list(range(40)) * 2)  # both threads of every tree
     assert len(val_trees) == 24  # int(80 samples * 0.3) = 24: whole trees of two threads until that is reached
-    corpus.prepare_corpus([f"{p}:0.5"], tok, tmp_path / "h", corpus.DataOptions(seq_len=128), workers=1,
-                          progress=False)
+    corpus.prepare_corpus([f"{p}:0.5"], tok, tmp_path / "h", corpus.DataOptions(seq_len=128), workers=1)
     half = trees_of(corpus.open_corpus(tmp_path / "h", tok)[1]["train"], tok)
     assert len(set(half)) == 20 and sorted(half) == sorted(list(set(half)) * 2)  # half the trees, whole
 
@@ -271,7 +268,7 @@ def test_val_split_and_fraction_draw_whole_oasst_trees(tmp_path, tok):
 def test_text_rows_as_language_modelling(tmp_path, tok):
     p = write_jsonl(tmp_path / "t.jsonl", [{"text": "Once upon a time there was a cat."}])
     corpus.prepare_corpus([str(p)], tok, tmp_path / "c", corpus.DataOptions(seq_len=128, text_as_lm=True),
-                          workers=1, progress=False)
+                          workers=1)
     a = read_split(tmp_path / "c")
     want = tok.encode("Once upon a time there was a cat.", bos=True, eos=True)  # every token trained
     assert a["ids"].tolist() == want and a["mask"].tolist() == [1] * len(want)

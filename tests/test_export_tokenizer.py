@@ -14,8 +14,8 @@ from sentencepiece import SentencePieceProcessor
 
 import train
 from llama import ModelArgs, Tokenizer, Transformer, save_model
-from llama.chat import CHAT_TEMPLATES, TEMPLATES, encode_chat, required_special_tokens, save_tokenizer_files
-from llama.tokenizer import hf_tokenizer_json
+from llama.chat import CHAT_TEMPLATES, TEMPLATES, encode_chat, required_special_tokens
+from llama.export import hf_tokenizer_json, save_tokenizer_files
 
 transformers = pytest.importorskip("transformers")
 
