@@ -167,9 +167,9 @@ def _save_hf_weights(tensors: dict, args: ModelArgs, dtype: torch.dtype, folder:
 
 
 def save_tokenizer_files(tokenizer: Tokenizer, folder: str | Path, template: str, model: bool,
-                         max_length: int = 4096) -> list[str]:
+                         max_length: int = 4096) -> None:
     """Write `tokenizer` into `folder` with what loads it elsewhere, the chat `template` it was trained with
-    included, and return the names of the files written.
+    included.
 
     tokenizer.model (+ added_tokens.json when there are added tokens): ours, and llama.cpp's converter reads
     them. tokenizer.json: the same tokenizer for Hugging Face `tokenizers` (when `hf_tokenizer_json` can
@@ -207,7 +207,6 @@ def save_tokenizer_files(tokenizer: Tokenizer, folder: str | Path, template: str
                                            "eos_token_id": stop_ids(tokenizer, template)}
     for name, content in files.items():
         (folder / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
-    return ["tokenizer.model"] + (["added_tokens.json"] if added else []) + list(files)
 
 
 def _token_entry(content: str) -> dict:

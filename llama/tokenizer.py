@@ -23,7 +23,8 @@ ADDED_TOKENS_FILE = "added_tokens.json"
 
 class Tokenizer:
     def __init__(self, path: str | Path):
-        """`path` is a `tokenizer.model` file (or a folder holding one); an `added_tokens.json` beside it is read too."""
+        """`path` is a `tokenizer.model` file (or a folder holding one); an `added_tokens.json` beside it is read
+        too."""
         path = Path(path)
         path = path / "tokenizer.model" if path.is_dir() else path
         if not path.is_file():
