@@ -209,8 +209,8 @@ def _write_npy(path: Path, dtype, n: int):
 
 def _show_progress(progress: Progress, rows: int, tokens: int, done: bool = False) -> None:
     dt = max(progress.elapsed(), 1e-9)
-    progress(f"{rows:,} rows, {tokens:,} tokens, {rows / dt:,.0f} rows/s, {tokens / dt / 1e6:.2f}M tokens/s, {dt:.0f}s",
-             done)
+    rates = f"{rows / dt:,.0f} rows/s, {tokens / dt / 1e6:.2f}M tokens/s"
+    progress(f"{rows:,} rows, {tokens:,} tokens, {rates}, {dt:.0f}s", done)
 
 
 def _starts(lengths) -> np.ndarray:
