@@ -454,3 +454,91 @@ def test_bad_rows_name_file_and_line(tmp_path, line, expect):
     p.write_bytes(json.dumps(first).encode() + b"\n" + line + b"\n")
     with pytest.raises(DataError, match=re.escape(f"{tmp_path}/{expect}")):
         list(read_dialogs(p))
+
+
+# ---- malformed values (found by fuzzing): each a DataError naming the row and the field, never another exception
+
+SHARE_OK = {"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]}
+
+
+@pytest.mark.parametrize("row, expect", [
+    ({"conversations": [{"from": ["human"], "value": "x"}]}, "ShareGPT turn {'from': ['human'], 'value': 'x'} has no "
+                                                              "known 'from'"),
+    ({"conversations": [{"from": {"a": 1}, "value": "x"}]}, "ShareGPT turn {'from': {'a': 1}, 'value': 'x'} has no "
+                                                             "known 'from'"),
+    ({"messages": [{"role": ["user"], "content": "x"}]}, "message 0 has unknown role ['user']"),
+])
+def test_unhashable_roles(tmp_path, row, expect):
+    p = write_jsonl(tmp_path / "d.jsonl", [SHARE_OK if "conversations" in row else TULU_ROWS[0], row])
+    with pytest.raises(DataError, match=re.escape(f"{p}:2: {expect}")):
+        list(read_dialogs(p))
+
+
+@pytest.mark.parametrize("field, value, expect", [
+    ("role", ["prompter"], "OpenAssistant message A has role ['prompter']; expected prompter or assistant"),
+    ("role", {"r": 1}, "OpenAssistant message A has role {'r': 1}; expected prompter or assistant"),
+    ("message_id", ["A"], "OpenAssistant message ['A']: 'message_id' must be a string or an integer, got list"),
+    ("parent_id", {"id": "A"}, "OpenAssistant message A1: 'parent_id' must be a string or an integer, got dict"),
+])
+def test_oasst_unhashable_fields(tmp_path, field, value, expect):
+    rows = json.loads(json.dumps(OASST_ROWS[1:3]))  # A, then A1 replying to it
+    rows[1 if field == "parent_id" else 0][field] = value
+    p = write_jsonl(tmp_path / "m.jsonl", rows)
+    with pytest.raises(DataError, match=re.escape(f"{p}:{2 if field == 'parent_id' else 1}: {expect}")):
+        list(read_dialogs(p))
+    if field != "parent_id":  # the same message in a tree row
+        tree = {"message_tree_id": "tA", "prompt": {k: v for k, v in rows[0].items() if k != "message_tree_id"}}
+        p = write_jsonl(tmp_path / "t.jsonl", [tree])
+        with pytest.raises(DataError, match=re.escape(f"{p}:1: {expect}")):
+            list(read_dialogs(p))
+
+
+def deep_tree(depth: int) -> str:
+    """An OASST tree row whose one thread is `depth` messages long: each reply nests an object in a list."""
+    head = "".join(f'{{"message_id": "m{i}", "role": "{("prompter", "assistant")[i % 2]}", "text": "t{i}", '
+                   f'"review_result": true, "replies": [' for i in range(depth))
+    return '{"message_tree_id": "t", "prompt": ' + head + "]}" * depth + "}"
+
+
+@pytest.mark.parametrize("name", ["t.jsonl", "t.json"])
+def test_oasst_tree_nested_deeper_than_the_json_reader(tmp_path, name):
+    p = tmp_path / name
+    row = deep_tree(3000)
+    p.write_text(f"[{row}]" if name == "t.json" else row + "\n")
+    with pytest.raises(DataError, match=re.escape(f"{p}:1: cannot read the JSON: it nests deeper than Python's JSON "
+                                                  "reader allows")):
+        list(read_dialogs(p))
+    p.write_text(deep_tree(40) + "\n")  # a long thread the reader takes: one dialog of 40 messages
+    assert [len(m) for m in dialogs(p)] == [40]
+
+
+def test_integer_longer_than_python_reads(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps(TULU_ROWS[0]) + '\n{"messages": [{"role": "user", "content": ' + "9" * 5000 + "}]}\n")
+    with pytest.raises(DataError, match=re.escape(f"{p}:2: cannot read the JSON: Exceeds the limit (4300 digits)")):
+        list(read_dialogs(p))
+    q = tmp_path / "d.json"
+    q.write_text(f"[{json.dumps(TULU_ROWS[0])}, " + '{"text": ' + "9" * 5000 + "}]")
+    with pytest.raises(DataError, match=re.escape(f"{q}:2: cannot read the JSON: Exceeds the limit (4300 digits)")):
+        list(read_dialogs(q))
+
+
+@pytest.mark.parametrize("row, expect", [
+    ({"messages": [U("caf\ud800"), A("x")]}, "message 0 (user): the text holds a lone surrogate '\\ud800' at "
+                                               "character 3"),
+    ({"instruction": "q", "input": "\udfff", "output": "a"}, "message 0 (user): the text holds a lone surrogate "
+                                                               "'\\udfff'"),
+    ({"text": "[INST] q [/INST] a\udc80"}, "message 1 (assistant): the text holds a lone surrogate '\\udc80'"),
+])
+def test_lone_surrogates(tmp_path, row, expect):
+    """A JSON \\ud800 escape without its pair decodes to a str that is not Unicode text (SentencePiece cannot take
+    it)."""
+    p = write_jsonl(tmp_path / "d.jsonl", [row])
+    with pytest.raises(DataError, match=re.escape(f"{p}:1: {expect}")):
+        list(read_dialogs(p))
+
+
+def test_lone_surrogate_in_a_text_trained_whole(tmp_path):
+    p = write_jsonl(tmp_path / "d.jsonl", [{"text": "plain \ud800 text"}])
+    with pytest.raises(DataError, match=re.escape(f"{p}:1: 'text' holds a lone surrogate '\\ud800' at character 6")):
+        list(read_dialogs(p, text_as_lm=True))
