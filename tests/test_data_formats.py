@@ -542,3 +542,101 @@ def test_lone_surrogate_in_a_text_trained_whole(tmp_path):
     p = write_jsonl(tmp_path / "d.jsonl", [{"text": "plain \ud800 text"}])
     with pytest.raises(DataError, match=re.escape(f"{p}:1: 'text' holds a lone surrogate '\\ud800' at character 6")):
         list(read_dialogs(p, text_as_lm=True))
+
+
+# ---- OpenAI / Hugging Face content parts
+
+
+def parts(*texts):
+    return [{"type": "text", "text": t} for t in texts]
+
+
+def test_content_parts_are_joined_with_nothing_between(tmp_path):
+    rows = [{"messages": [{"role": "system", "content": parts("Be ", "brief.")},
+                          {"role": "user", "content": parts("What is ", "2+2", "?")},
+                          {"role": "assistant", "content": parts("4.")}]},
+            {"messages": [U("Hi"), {"role": "assistant", "content": parts("Hello", "\n", "there.")}]}]
+    assert dialogs(write_jsonl(tmp_path / "c.jsonl", rows)) == [[S("Be brief."), U("What is 2+2?"), A("4.")],
+                                                               [U("Hi"), A("Hello\nthere.")]]
+    share = [{"conversations": [{"from": "human", "value": parts("Hot", "?")}, {"from": "gpt", "value": "Cold."}]}]
+    assert dialogs(write_jsonl(tmp_path / "s.jsonl", share)) == [[U("Hot?"), A("Cold.")]]
+
+
+@pytest.mark.parametrize("content, expect", [
+    ([{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "cat.png"}}],
+     "message 1: content part 1 has type 'image_url'; only text parts can be trained on"),
+    ([{"type": "input_audio", "input_audio": {"data": "...", "format": "wav"}}],
+     "message 1: content part 0 has type 'input_audio'"),
+    ([{"text": "no type"}], "message 1: content part 0 has type None"),
+    (["plain"], "message 1: content part 0 is str; expected {\"type\": \"text\", \"text\": ...}"),
+    ([{"type": "text", "text": ["x"]}], "message 1: content part 0: 'text' must be a string, got list"),
+    ([], "message 1 (assistant) has empty content"),
+])
+def test_bad_content_parts(tmp_path, content, expect):
+    p = write_jsonl(tmp_path / "c.jsonl", [{"messages": [U("q"), {"role": "assistant", "content": content}]}])
+    with pytest.raises(DataError, match=re.escape(f"{p}:1: {expect}")):
+        list(read_dialogs(p))
+
+
+# ---- bad_rows="skip": the bad rows are records, the rest reads on
+
+
+def test_skip_records_and_the_fraction_cap(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b"\n".join([json.dumps(TULU_ROWS[0]).encode(), b'{"messages": [', b'{"q": 1}',
+                              json.dumps(TULU_ROWS[1]).encode(), b'{"messages": [{"role": "bot", "content": "x"}]}',
+                              b"", json.dumps(TULU_ROWS[2]).encode()]) + b"\n")
+    got = list(read_dialogs(p, bad_rows="skip", max_bad_fraction=0.5))
+    assert [d.get("messages") for d in got] == [TULU_DIALOGS[0], None, None, TULU_DIALOGS[1], None, TULU_DIALOGS[2]]
+    assert [(d["where"], d.get("skipped")) for d in got if "skipped" in d] == [
+        (f"{p}:2", "invalid_json"), (f"{p}:3", "unknown_format"), (f"{p}:5", "invalid_dialog")]
+    assert got[4]["error"] == f"{p}:5: message 0 has unknown role 'bot'; expected one of system, user, assistant"
+    with pytest.raises(DataError, match=re.escape(f"{p}: 3 of its 6 rows are bad, more than --max-bad-fraction 0.4 "
+                                                  f"allows: probably a wrong --template or data format rather than a "
+                                                  f"few broken rows. The first: {p}:2: not valid JSON")):
+        list(read_dialogs(p, bad_rows="skip", max_bad_fraction=0.4))
+    with pytest.raises(DataError, match=re.escape(f"{p}:2: not valid JSON")):  # the default is error
+        list(read_dialogs(p))
+
+
+def test_skip_a_template_cannot_render(tmp_path):
+    p = write_jsonl(tmp_path / "d.jsonl", [{"messages": [U("q"), U("again"), A("a")]}, TULU_ROWS[0]])
+    assert len(dialogs(p)) == 2  # any template but llama2 takes two user turns in a row
+    got = list(read_dialogs(p, template="llama2", bad_rows="skip", max_bad_fraction=1))
+    assert got[0]["error"] == (f"{p}:1: message 1 is 'user' where llama2 needs 'assistant': its turns must alternate "
+                               "user/assistant, starting with user (after an optional system message)")
+    assert got[1]["messages"] == TULU_DIALOGS[0]
+
+
+def test_skip_oasst_messages_take_their_replies_along(tmp_path):
+    rows = json.loads(json.dumps(OASST_ROWS))
+    rows[2]["role"] = ["assistant"]  # A1 (line 3): its replies A1a, A1b and theirs, A1a1, A1a2, go with it
+    p = write_jsonl(tmp_path / "m.jsonl", rows)
+    got = list(read_dialogs(p, bad_rows="skip", max_bad_fraction=1))
+    assert [d["messages"] for d in got if "messages" in d] == [T3, T4, T5, T6, T7]
+    skipped = sorted((int(d["where"].rpartition(":")[2]), d["error"].partition(": ")[2]) for d in got if "skipped" in d)
+    assert skipped == [(1, "OpenAssistant message A1a1 replies to A1a, which was left out"),
+                       (3, "OpenAssistant message A1 has role ['assistant']; expected prompter or assistant"),
+                       (5, "OpenAssistant message A1a: its parent A1 is not in the data"),
+                       (6, "OpenAssistant message A1b: its parent A1 is not in the data"),
+                       (7, "OpenAssistant message A1a2 replies to A1a, which was left out")]
+    assert {d["skipped"] for d in got if "skipped" in d} == {"invalid_oasst"}
+    # a parent loop (tree D has no root): each of its rows is left out, the other trees read on
+    rows = json.loads(json.dumps(OASST_ROWS))
+    rows[19]["parent_id"] = "D1"  # D (line 20) replies to D1, which replies to D
+    p = write_jsonl(tmp_path / "m.jsonl", rows)
+    got = list(read_dialogs(p, bad_rows="skip", max_bad_fraction=1))
+    assert [d["messages"] for d in got if "messages" in d] == [T1, T2, T3, T4, T5, T6, T7]
+    assert [(d["where"], d["error"].partition(": ")[2][:41]) for d in got if "skipped" in d] == [
+        (f"{p}:20", "OpenAssistant tree tD has no root message"), (f"{p}:21", "OpenAssistant tree tD has no root message")]
+    with pytest.raises(DataError, match=re.escape(f"{p}:20: OpenAssistant tree tD has no root message")):
+        list(read_dialogs(p))
+
+
+def test_skip_oasst_tree_rows_whole(tmp_path):
+    trees = json.loads(json.dumps(oasst_trees(OASST_ROWS)))
+    del trees[1]["prompt"]["replies"][0]["replies"][1]["text"]  # B1b, deep in tree B (line 2)
+    p = write_jsonl(tmp_path / "t.jsonl", trees)
+    got = list(read_dialogs(p, bad_rows="skip", max_bad_fraction=1))
+    assert [d.get("messages") for d in got] == [T1, T2, T3, None, T7]
+    assert got[3]["where"] == f"{p}:2" and got[3]["error"].startswith(f"{p}:2: OpenAssistant message B1b has no 'text'")
