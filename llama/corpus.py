@@ -107,7 +107,8 @@ def key_difference(a: dict, b: dict) -> list[str]:
     def content(k):
         return [(s["fraction"], [(f["bytes"], f["sha256"]) for f in s["files"]]) for s in k.get("sources", [])]
     default = asdict(DataOptions())
-    diff = [k for k in sorted(set(a) | set(b)) if k != "sources" and a.get(k, default.get(k)) != b.get(k, default.get(k))]
+    diff = [k for k in sorted(set(a) | set(b))
+            if k != "sources" and a.get(k, default.get(k)) != b.get(k, default.get(k))]
     return (["data files"] if content(a) != content(b) else []) + diff
 
 

@@ -49,7 +49,13 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 
 
 class DataError(ValueError):
-    """Bad user data; the message names the file and the row."""
+    """Bad user data; the message names the file and the row. A message that quotes a huge value is cut in the
+    middle: its start says where and what, its end what was expected."""
+
+    def __init__(self, message: str):
+        if len(message) > 1000:
+            message = f"{message[:700]} [... {len(message) - 900:,} characters ...] {message[-200:]}"
+        super().__init__(message)
 
 
 def parse_data_spec(spec: str) -> tuple[Path, float]:
@@ -121,7 +127,12 @@ def iter_rows(path: Path, bad_lines: bool = False) -> Iterator[tuple[int, dict |
     except UnicodeDecodeError as e:  # in a .json array (a .jsonl line's is caught above)
         raise DataError(f"{path}:{n + 1}: not UTF-8 text ({e.reason})") from None
     except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
-        raise DataError(f"{path}:{n + 1}: cannot read the file: {e}") from None
+        raise DataError(f"{path}:{n + 1}: cannot read the file: {_one_line(e)}") from None
+
+
+def _one_line(e: Exception) -> str:
+    """A library's error message on one line (pyarrow's may span several)."""
+    return " ".join(str(e).split())
 
 
 def _json_limit(e: Exception) -> str:
@@ -193,7 +204,7 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
                 n += 1
                 yield n, row
     except (OSError, ValueError, pa.ArrowException) as e:  # ArrowInvalid is a ValueError, ArrowIOError an OSError
-        raise DataError(f"{path}:{n + 1}: cannot read the parquet file: {e}") from None
+        raise DataError(f"{path}:{n + 1}: cannot read the parquet file: {_one_line(e)}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -308,8 +308,8 @@ def test_bad_rows_skip_gives_the_corpus_of_the_good_rows(tmp_path, monkeypatch, 
     q = write_jsonl(tmp_path / "good.jsonl", good)
     opts = corpus.DataOptions(seq_len=128, val_split=0.1, seed=3, bad_rows="skip", max_bad_fraction=0.05)
     meta = corpus.prepare_corpus([str(p)], tok, tmp_path / "skip", opts, workers=workers, progress=False)
-    want = corpus.prepare_corpus([str(q)], tok, tmp_path / "good", corpus.DataOptions(seq_len=128, val_split=0.1,
-                                                                                       seed=3), workers=1, progress=False)
+    want = corpus.prepare_corpus([str(q)], tok, tmp_path / "good", corpus.DataOptions(seq_len=128, val_split=0.1, seed=3),
+                                 workers=1, progress=False)
     for split in ("train", "val"):
         for k in corpus.ARRAYS:
             assert np.array_equal(read_split(tmp_path / "skip", split)[k], read_split(tmp_path / "good", split)[k]), k

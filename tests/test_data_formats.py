@@ -627,8 +627,9 @@ def test_skip_oasst_messages_take_their_replies_along(tmp_path):
     p = write_jsonl(tmp_path / "m.jsonl", rows)
     got = list(read_dialogs(p, bad_rows="skip", max_bad_fraction=1))
     assert [d["messages"] for d in got if "messages" in d] == [T1, T2, T3, T4, T5, T6, T7]
+    no_root = "OpenAssistant tree tD has no root message"
     assert [(d["where"], d["error"].partition(": ")[2][:41]) for d in got if "skipped" in d] == [
-        (f"{p}:20", "OpenAssistant tree tD has no root message"), (f"{p}:21", "OpenAssistant tree tD has no root message")]
+        (f"{p}:20", no_root), (f"{p}:21", no_root)]
     with pytest.raises(DataError, match=re.escape(f"{p}:20: OpenAssistant tree tD has no root message")):
         list(read_dialogs(p))
 
