@@ -325,7 +325,7 @@ def row_format(row, where: str) -> str:
 def to_messages(row: dict, fmt: str, where: str, template: str | None = None) -> list[dict]:
     """One row of a row-per-dialog format (chat, sharegpt, alpaca) -> checked [{"role", "content"}, ...]."""
     if fmt == "chat":
-        msgs = join_text_parts(row["messages"], where)
+        msgs = row["messages"]
     elif fmt == "sharegpt":
         msgs = []
         for turn in row["conversations"] if isinstance(row["conversations"], list) else [None]:
@@ -334,20 +334,18 @@ def to_messages(row: dict, fmt: str, where: str, template: str | None = None) ->
                 raise DataError(f"{where}: ShareGPT turn {_short(turn)} has no known 'from' "
                                 f"(expected one of {sorted(SHAREGPT_ROLES)})")
             msgs.append({"role": SHAREGPT_ROLES[role], "content": turn.get("value")})
-        msgs = join_text_parts(msgs, where)
     else:  # alpaca: the input, when present, follows the instruction
         assert fmt == "alpaca", fmt
         user = {"role": "user", "content": row["instruction"]}
         if row.get("input"):
             user["input"] = row["input"]
         msgs = [user, {"role": "assistant", "content": row["output"]}]
-    check_dialog(msgs, where, template)
-    return msgs
+    return check_dialog(msgs, where, template)
 
 
 def join_text_parts(msgs, where: str):
     """The messages with any content given as a list of content parts joined into one string (see the module
-    docstring); anything else is left to check_dialog."""
+    docstring); `msgs` itself when there is none. Anything else is left to check_dialog."""
     if not isinstance(msgs, list) or not any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in msgs):
         return msgs
     out = []
@@ -369,14 +367,23 @@ def join_text_parts(msgs, where: str):
     return out
 
 
-def check_dialog(msgs, where: str, template: str | None = None) -> None:
+def check_dialog(msgs, where: str, template: str | None = None) -> list[dict]:
+    """The dialog with its content parts joined, checked by validate_dialog (for `template` when given) and for
+    lone surrogates; any problem is a DataError naming `where`."""
     try:
         checked = validate_dialog(msgs, template)
     except ValueError as e:
-        raise DataError(f"{where}: {e}") from None
-    for i, m in enumerate(checked):
-        for text in (m["content"], m.get("input", "")):
-            check_unicode(text, where, f"message {i} ({m['role']}): the text")
+        joined = join_text_parts(msgs, where)  # parts are rare: looked for only when the plain check fails
+        if joined is msgs:
+            raise DataError(f"{where}: {e}") from None
+        return check_dialog(joined, where, template)
+    try:  # one pass over the whole dialog; which text, only when it fails
+        "".join([m["content"] + m.get("input", "") for m in checked]).encode("utf-8")
+    except UnicodeEncodeError:
+        for i, m in enumerate(checked):
+            for text in (m["content"], m.get("input", "")):
+                check_unicode(text, where, f"message {i} ({m['role']}): the text")
+    return msgs
 
 
 def check_unicode(text: str, where: str, what: str) -> None:
@@ -418,9 +425,7 @@ def text_to_messages(text, where: str, text_as_lm: bool = False, template: str |
         raise DataError(f"{where}: the text starts with none of the chat markers tried ({', '.join(TEXT_FORMS)}, "
                         f"after an optional <s>): {text[:60]!r}; to train on whole texts as plain language "
                         "modelling, pass --text-as-lm")
-    msgs = parse(s, where)
-    check_dialog(msgs, where, template)
-    return msgs
+    return check_dialog(parse(s, where), where, template)
 
 
 def _untag(s: str, head: bool = False) -> str:
