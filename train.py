@@ -103,6 +103,9 @@ class TrainConfig:
     oasst_top_k: int = opt(0, "OASST threads whose assistant replies all rank below K (0: every thread)")
     oasst_lang: str = opt("", "comma-separated OASST languages to keep, e.g. en,de (\"\": all)")
     text_as_lm: bool = opt(False, "{\"text\"} rows without chat markers train on the whole text (plain language modelling)")
+    bad_rows: str = opt("error", "a bad row stops the run, or is left out (counted; listed in OUT/data/skipped.jsonl)",
+                        ("error", "skip"))
+    max_bad_fraction: float = opt(0.01, "with --bad-rows skip: more bad rows than this share of a file is an error")
     prepare_data: bool = opt(False, "tokenize --data into OUT/data and exit (loads only the tokenizer)")
     data_workers: int = opt(0, "tokenizer processes (0: one per core)")
     show_samples: int = opt(0, "print this many prepared samples with the trained spans marked")
@@ -187,7 +190,8 @@ def data_options(cfg: TrainConfig) -> corpus.DataOptions:
                               min_assistant_tokens=cfg.min_assistant_tokens, val_split=cfg.val_split,
                               max_val=cfg.max_val, seed=cfg.seed, oasst_top_k=cfg.oasst_top_k,
                               oasst_lang=tuple(x.strip() for x in cfg.oasst_lang.split(",") if x.strip()),
-                              text_as_lm=cfg.text_as_lm)
+                              text_as_lm=cfg.text_as_lm, bad_rows=cfg.bad_rows,
+                              max_bad_fraction=cfg.max_bad_fraction)
 
 
 def prepared_data(cfg: TrainConfig, tokenizer: Tokenizer, out: Path, dist_ctx: "Dist") -> tuple[Path, dict, dict]:
