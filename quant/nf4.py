@@ -39,12 +39,13 @@ NF4 = torch.tensor([
 ])
 
 
-def dequantize_nf4(packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_nf4(packed: torch.Tensor, quant_state) -> torch.Tensor:
     """Bit-exact `bitsandbytes.functional.dequantize_4bit(packed, quant_state)` in plain PyTorch: the weight of
-    `quant_state.shape` in `dtype` (default: quant_state.dtype).
+    `quant_state.shape` in `quant_state.dtype`.
 
-    w[i] = NF4[code(i)] * absmax[i // blocksize], the product in fp32 and rounded once to `dtype`, as
-    bitsandbytes does. Blocks run over the flattened weight; the last one may be short."""
+    w[i] = NF4[code(i)] * absmax[i // blocksize], the product in fp32 and rounded once to the dtype, as
+    bitsandbytes does. Blocks run over the flattened weight; the last one may be short. (The products and
+    `NF4Linear.dequantize` compute the same values faster: `cpu.py`.)"""
     s = quant_state
     if s.quant_type != "nf4":
         raise ValueError(f"dequantize_nf4: quant_type is {s.quant_type!r}, expected 'nf4'")
@@ -54,7 +55,7 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, dtype: torch.dtype | None 
     codes = torch.stack((data >> 4, data & 15), dim=1).reshape(-1)[:n]  # high nibble first; odd n: drop padding
     absmax = dequantize_absmax(s).repeat_interleave(s.blocksize)[:n]    # each value's block absmax
     w = NF4.to(packed.device)[codes.int()] * absmax                     # fp32
-    return w.to(dtype if dtype is not None else s.dtype).view(shape)
+    return w.to(s.dtype).view(shape)
 
 
 def dequantize_absmax(quant_state) -> torch.Tensor:
