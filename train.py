@@ -54,10 +54,11 @@ import torch
 import lora
 import quant
 from llama import Tokenizer, Transformer, corpus, load_model, save_model
-from llama.chat import TEMPLATES, encode_chat, required_special_tokens, save_tokenizer_files, stop_ids
+from llama.chat import TEMPLATES, encode_chat, required_special_tokens, stop_ids
 from llama.checkpoint import CheckpointError, find_tokenizer, resolve_checkpoint, weights_size
 from llama.data import DataError, read_dialogs
 from llama.files import Progress, atomic_folder
+from llama.export import save_tokenizer_files
 from llama.generate import DTYPES, chat_loop, generate, load_chat_model, resolve_device_dtype
 from llama.model import resize_embeddings
 
@@ -106,6 +107,9 @@ class TrainConfig:
     oasst_top_k: int = flag(0, "OASST threads whose assistant replies all rank below K (0: every thread)")
     oasst_lang: str = flag("", "comma-separated OASST languages to keep, e.g. en,de (\"\": all)")
     text_as_lm: bool = flag(False, "{\"text\"} rows without chat markers: train on the whole text (language modelling)")
+    bad_rows: str = flag("error", "a bad row stops the run, or is left out (counted; listed in OUT/data/skipped.jsonl)",
+                         ("error", "skip"))
+    max_bad_fraction: float = flag(0.01, "with --bad-rows skip: more bad rows than this share of a file is an error")
     prepare_data: bool = flag(False, "tokenize --data into OUT/data and exit (loads only the tokenizer)")
     data_workers: int = flag(0, "tokenizer processes (0: one per core)")
     show_samples: int = flag(0, "print this many prepared samples with the trained spans marked")

@@ -6,7 +6,7 @@ A mid-size Llama (dim 1024, 8 layers, 16 heads, vocab 32000, fp32 on CPU, ~168M 
 --steps optimizer steps on random tokens (rows packed with 4 documents each, every token trained on) with
 the levers train.py offers:
 
-- chunked cross-entropy: `llama.model.head_ce` (what `model(tokens, doc_ids, labels=)` runs) (the trained tokens' logits 1024 rows at a time, their gradient
+- chunked cross-entropy: `llama.ops.head_ce` (what `model(tokens, doc_ids, labels=)` runs) (the trained tokens' logits 1024 rows at a time, their gradient
   taken in the forward, so no chunk is kept or recomputed) against the plain baseline
   `F.cross_entropy(model(tokens).float(), labels)`, which holds the [B*T, 32000] fp32 logits, their
   log-softmax and their gradient at once;
@@ -63,7 +63,7 @@ def run_one(name: str, a) -> dict:
     import lora
     import train
     from llama import ModelArgs, Transformer
-    from llama.model import head_ce
+    from llama.ops import head_ce
 
     mode, chunked, ckpt, optim = CONFIGS[name]
     torch.manual_seed(0)
@@ -124,7 +124,7 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--chunk", type=int, default=1024, help="tokens per cross-entropy chunk (llama.model.head_ce)")
+    p.add_argument("--chunk", type=int, default=1024, help="tokens per cross-entropy chunk (llama.ops.head_ce)")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--only", nargs="*", default=None, help="a subset of the configuration names")
     p.add_argument("--run", help=argparse.SUPPRESS)  # internal: run one configuration in this process

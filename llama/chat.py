@@ -22,11 +22,11 @@ system message may only come first. B = bos, E = eos:
           ### Response:\\n" then "{reply}" E. A system message replaces the opening sentence. Stanford's
           prompt ends at "### Response:"; the newline keeps the reply's first token a clean SentencePiece token.
 
-Each template also exists as a Jinja string (`CHAT_TEMPLATES`, written beside its renderer) that
-`save_tokenizer_files` puts in `tokenizer_config.json`: Hugging Face's `apply_chat_template` and llama.cpp
-render it to text, and that text, tokenized the Hugging Face way (special-token text such as "<s>" becomes its
-id; each piece of text between special tokens gets SentencePiece's dummy-prefix space), gives exactly
-`encode_chat`'s ids. The BOS is in the template text; `add_bos_token` is on for plain text, and llama.cpp drops
+Each template also exists as a Jinja string (`CHAT_TEMPLATES`, written right after its renderer) that
+`llama.export.save_tokenizer_files` puts in `tokenizer_config.json`: Hugging Face's `apply_chat_template` and
+llama.cpp render it to text, and that text, tokenized the Hugging Face way (special-token text such as "<s>"
+becomes its id; each piece of text between special tokens gets SentencePiece's dummy-prefix space), gives
+exactly `encode_chat`'s ids. The BOS is in the template text; `add_bos_token` is on for plain text, and llama.cpp drops
 a BOS the text starts with before it adds its own, so there is one BOS either way.
 
 The separator that would follow the last message is left off (open-instruct strips the text the same way).
@@ -36,20 +36,20 @@ With `add_generation_prompt` the ids end where the model's next reply starts ("[
 How the mask is found: a template renders the dialog as segments, each a token id or a piece of text; the
 text between two ids is at most a prompt part and a reply part, which are tokenized *together* (that is
 what makes llama2 token-exact; after an id, SentencePiece starts afresh with its dummy-prefix space, as
-Meta's per-exchange `encode` and Hugging Face's "legacy" Llama tokenizer do). The reply's tokens are those after the tokens of the prompt part alone; when a
-SentencePiece piece straddles the boundary (never for these templates with Llama's vocabulary, since each
-reply starts with a space or follows a newline) the straddling token counts as reply.
+Meta's per-exchange `encode` and Hugging Face's "legacy" Llama tokenizer do). The reply's tokens are those
+after the tokens of the prompt part alone; when a SentencePiece piece straddles the boundary (never for these
+templates with Llama's vocabulary, since each reply starts with a space or follows a newline) the straddling
+token counts as reply.
 """
-import json
 from itertools import groupby
-from pathlib import Path
 
-from .tokenizer import Tokenizer, hf_tokenizer_json
+from .tokenizer import Tokenizer
 
 TEMPLATES = ("llama2", "chatml", "tulu", "oasst", "alpaca")
 ROLES = ("system", "user", "assistant")
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-ALPACA_INTRO = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+ALPACA_INTRO = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                "the request.")
 ALPACA_INTRO_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                       "context. Write a response that appropriately completes the request.")
 
@@ -58,20 +58,20 @@ Segment = tuple[str | int, bool]  # (text or token id, trained)
 
 def required_special_tokens(template: str) -> list[str]:
     """Added tokens the template needs in the tokenizer (and so rows in the embedding)."""
-    _check_template(template)
+    check_template(template)
     return [IM_START, IM_END] if template == "chatml" else []
 
 
 def stop_ids(tokenizer: Tokenizer, template: str) -> list[int]:
     """Token ids that end an assistant reply, for generation."""
-    _check_template(template)
+    check_template(template)
     return [tokenizer.eos_id] + ([_special_id(tokenizer, IM_END, template)] if template == "chatml" else [])
 
 
 def encode_chat(tokenizer: Tokenizer, messages: list[dict], template: str,
                 add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
     """Dialog -> (ids, mask); see the module docstring for the formats."""
-    _check_template(template)
+    check_template(template)
     msgs = validate_dialog(messages, template, add_generation_prompt)
     if template == "llama2":  # a final user turn is already Meta's generation prompt
         segs = _llama2(tokenizer, msgs)
@@ -86,7 +86,7 @@ def encode_chat(tokenizer: Tokenizer, messages: list[dict], template: str,
 # Checks: every mistake in a dialog is a ValueError that says which message and what was expected.
 
 
-def _check_template(template: str) -> None:
+def check_template(template: str) -> None:
     if template not in TEMPLATES:
         raise ValueError(f"unknown chat template {template!r}; expected one of {', '.join(TEMPLATES)}")
 
@@ -147,14 +147,30 @@ def validate_dialog(messages: list[dict], template: str | None = None,
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Templates: messages -> segments (text or token id, trained), and each one's Jinja twin. A Jinja template
-# sees the raw messages, so it repeats what `validate_dialog` does to a message's text: strip it (llama2 strips
-# later, where Meta does), and append a non-blank "input" after a blank line (alpaca gives it a section).
+# Templates: messages -> segments (text or token id, trained), each renderer followed by its Jinja twin. A
+# Jinja template sees the raw messages, so it repeats what `validate_dialog` does to a message's text: strip it
+# (llama2 strips later, where Meta does), and append a non-blank "input" after a blank line (alpaca gives it a
+# section).
 
 _CONTENT = ("{%- set content = message['content'] -%}"
             "{%- if message['input'] is defined and message['input'] is string and message['input'] | trim -%}"
             "{%- set content = content + '\\n\\n' + message['input'] | trim -%}{%- endif -%}")
 _STRIPPED = _CONTENT.replace("message['content']", "message['content'] | trim")
+
+
+# ---- llama2
+
+
+def _llama2(tok: Tokenizer, msgs: list[dict]) -> list[Segment]:
+    if msgs[0]["role"] == "system":  # Meta folds the system prompt into the first user turn
+        system = f"<<SYS>>\n{msgs[0]['content']}\n<</SYS>>\n\n"
+        msgs = [{"role": "user", "content": system + msgs[1]["content"]}] + msgs[2:]
+    segs: list[Segment] = []
+    for k in range(0, len(msgs), 2):
+        segs += [(tok.bos_id, False), (f"[INST] {msgs[k]['content'].strip()} [/INST]", False)]
+        if k + 1 < len(msgs):
+            segs += [(f" {msgs[k + 1]['content'].strip()} ", True), (tok.eos_id, True)]
+    return segs
 
 
 LLAMA2_JINJA = (
@@ -172,42 +188,8 @@ LLAMA2_JINJA = (
 )
 
 
-def _llama2(tok: Tokenizer, msgs: list[dict]) -> list[Segment]:
-    if msgs[0]["role"] == "system":  # Meta folds the system prompt into the first user turn
-        system = f"<<SYS>>\n{msgs[0]['content']}\n<</SYS>>\n\n"
-        msgs = [{"role": "user", "content": system + msgs[1]["content"]}] + msgs[2:]
-    segs: list[Segment] = []
-    for k in range(0, len(msgs), 2):
-        segs += [(tok.bos_id, False), (f"[INST] {msgs[k]['content'].strip()} [/INST]", False)]
-        if k + 1 < len(msgs):
-            segs += [(f" {msgs[k + 1]['content'].strip()} ", True), (tok.eos_id, True)]
-    return segs
+# ---- chatml, tulu, oasst
 
-
-def _joined_jinja(body: str, gen_prompt: str) -> str:
-    """Jinja for `_marked`: bos, the bodies `body` emits (each after "\\n" but the first), the generation prompt."""
-    return ("{{- bos_token -}}{%- set ns = namespace(sep='') -%}{%- for message in messages -%}" + _STRIPPED + body +
-            "{%- endfor -%}{%- if add_generation_prompt -%}{{ '\\n" + gen_prompt + "' }}{%- endif -%}")
-
-
-CHATML_JINJA = _joined_jinja(
-    "{%- if message['role'] != 'system' or content -%}"
-    "{{ ns.sep + '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>' }}{%- set ns.sep = '\\n' -%}"
-    "{%- endif -%}", "<|im_start|>assistant\\n")
-
-
-TULU_JINJA = _joined_jinja(
-    "{%- if message['role'] == 'assistant' -%}"
-    "{{ ns.sep + '<|assistant|>\\n' + content + eos_token }}{%- set ns.sep = '\\n' -%}"
-    "{%- elif content -%}{{ ns.sep + '<|' + message['role'] + '|>\\n' + content }}{%- set ns.sep = '\\n' -%}"
-    "{%- endif -%}", "<|assistant|>\\n")
-
-
-OASST_JINJA = _joined_jinja(
-    "{%- if message['role'] == 'assistant' -%}"
-    "{{ ns.sep + '### Assistant: ' + content + eos_token }}{%- set ns.sep = '\\n' -%}"
-    "{%- elif content -%}{{ ns.sep + ('### System: ' if message['role'] == 'system' else '### User: ') + content }}"
-    "{%- set ns.sep = '\\n' -%}{%- endif -%}", "### Assistant:")
 
 _MARKERS = {"tulu": {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"},
             "oasst": {"system": "### System:", "user": "### User:", "assistant": "### Assistant:"}}
@@ -238,6 +220,46 @@ def _marked(tok: Tokenizer, msgs: list[dict], template: str, gen: bool) -> list[
     return segs + ([("\n", False)] + markers["assistant"] if gen else [])
 
 
+def _joined_jinja(body: str, gen_prompt: str) -> str:
+    """Jinja for `_marked`: bos, the bodies `body` emits (each after "\\n" but the first), the generation prompt."""
+    return ("{{- bos_token -}}{%- set ns = namespace(sep='') -%}{%- for message in messages -%}" + _STRIPPED + body +
+            "{%- endfor -%}{%- if add_generation_prompt -%}{{ '\\n" + gen_prompt + "' }}{%- endif -%}")
+
+
+CHATML_JINJA = _joined_jinja(
+    "{%- if message['role'] != 'system' or content -%}"
+    "{{ ns.sep + '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>' }}{%- set ns.sep = '\\n' -%}"
+    "{%- endif -%}", "<|im_start|>assistant\\n")
+
+
+TULU_JINJA = _joined_jinja(
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ ns.sep + '<|assistant|>\\n' + content + eos_token }}{%- set ns.sep = '\\n' -%}"
+    "{%- elif content -%}{{ ns.sep + '<|' + message['role'] + '|>\\n' + content }}{%- set ns.sep = '\\n' -%}"
+    "{%- endif -%}", "<|assistant|>\\n")
+
+
+OASST_JINJA = _joined_jinja(
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ ns.sep + '### Assistant: ' + content + eos_token }}{%- set ns.sep = '\\n' -%}"
+    "{%- elif content -%}{{ ns.sep + ('### System: ' if message['role'] == 'system' else '### User: ') + content }}"
+    "{%- set ns.sep = '\\n' -%}{%- endif -%}", "### Assistant:")
+
+
+# ---- alpaca
+
+
+def _alpaca(tok: Tokenizer, msgs: list[dict]) -> list[Segment]:
+    system = msgs[0]["content"] if msgs[0]["role"] == "system" and msgs[0]["content"] else None
+    user, *reply = [m for m in msgs if m["role"] != "system"]
+    intro = system or (ALPACA_INTRO_INPUT if "input" in user else ALPACA_INTRO)
+    prompt = f"{intro}\n\n### Instruction:\n{user['content']}\n\n"
+    if "input" in user:
+        prompt += f"### Input:\n{user['input']}\n\n"
+    segs: list[Segment] = [(tok.bos_id, False), (prompt + "### Response:\n", False)]
+    return segs + ([(reply[0]["content"], True), (tok.eos_id, True)] if reply else [])
+
+
 assert "'" not in ALPACA_INTRO + ALPACA_INTRO_INPUT  # they go into Jinja string literals below
 ALPACA_JINJA = (
     "{%- if messages[0]['role'] == 'system' -%}{%- set intro = messages[0]['content'] | trim -%}"
@@ -255,17 +277,6 @@ ALPACA_JINJA = (
     "{{ '### Response:\\n' }}"
     "{%- if turns | length == 2 -%}{{ turns[1]['content'] | trim + eos_token }}{%- endif -%}"
 )
-
-
-def _alpaca(tok: Tokenizer, msgs: list[dict]) -> list[Segment]:
-    system = msgs[0]["content"] if msgs[0]["role"] == "system" and msgs[0]["content"] else None
-    user, *reply = [m for m in msgs if m["role"] != "system"]
-    intro = system or (ALPACA_INTRO_INPUT if "input" in user else ALPACA_INTRO)
-    prompt = f"{intro}\n\n### Instruction:\n{user['content']}\n\n"
-    if "input" in user:
-        prompt += f"### Input:\n{user['input']}\n\n"
-    segs: list[Segment] = [(tok.bos_id, False), (prompt + "### Response:\n", False)]
-    return segs + ([(reply[0]["content"], True), (tok.eos_id, True)] if reply else [])
 
 
 CHAT_TEMPLATES = {"llama2": LLAMA2_JINJA, "chatml": CHATML_JINJA, "tulu": TULU_JINJA, "oasst": OASST_JINJA,
@@ -296,55 +307,3 @@ def _encode_segments(tok: Tokenizer, segs: list[Segment]) -> tuple[list[int], li
         ids += full
         mask += [False] * n + [True] * (len(full) - n)
     return ids, mask
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Export: the files Hugging Face tooling and llama.cpp's converter read beside a tokenizer.
-
-
-def _token_entry(content: str) -> dict:
-    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-
-
-def save_tokenizer_files(tokenizer: Tokenizer, folder: str | Path, template: str, model: bool,
-                         max_length: int = 4096) -> list[str]:
-    """Write `tokenizer` into `folder` with what loads it elsewhere, the chat `template` it was trained with
-    included, and return the names of the files written.
-
-    tokenizer.model (+ added_tokens.json when there are added tokens): ours, and llama.cpp's converter reads
-    them. tokenizer.json: the same tokenizer for Hugging Face `tokenizers` (when `hf_tokenizer_json` can
-    restate it exactly). tokenizer_config.json: BOS added to plain text, no EOS, the special and added tokens,
-    `chat_template` (this template in Jinja) and `model_max_length`. special_tokens_map.json. With `model`
-    (a folder holding weights), generation_config.json: bos id and every stop id of the template as eos."""
-    _check_template(template)
-    folder = Path(folder)
-    tokenizer.save(folder)
-    sp = tokenizer.sp
-    bos, eos, unk = (sp.id_to_piece(i) for i in (tokenizer.bos_id, tokenizer.eos_id, sp.unk_id()))
-    decoder = {i: sp.id_to_piece(i) for i in range(sp.vocab_size()) if sp.is_control(i) or sp.is_unknown(i)}
-    decoder.update({i: t for t, i in tokenizer.special_tokens.items()})
-    added = sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.get)
-    hf_json = hf_tokenizer_json(tokenizer)
-    if hf_json is None:  # a stale tokenizer.json would not match this tokenizer
-        (folder / "tokenizer.json").unlink(missing_ok=True)
-    files = {"tokenizer.json": hf_json} if hf_json is not None else {}
-    files["tokenizer_config.json"] = {
-        # with tokenizer.json, transformers uses it as written (PreTrainedTokenizerFast); without it,
-        # transformers' LlamaTokenizer converts tokenizer.model, and "legacy" keeps the dummy-prefix space
-        # on every piece of text between special tokens, as `Tokenizer.encode` does
-        "tokenizer_class": "PreTrainedTokenizerFast" if hf_json is not None else "LlamaTokenizer",
-        "legacy": True, "add_bos_token": True, "add_eos_token": False,
-        "bos_token": bos, "eos_token": eos, "unk_token": unk, "pad_token": None,
-        "added_tokens_decoder": {str(i): {**_token_entry(t), "special": True} for i, t in sorted(decoder.items())},
-        "additional_special_tokens": added,
-        "chat_template": CHAT_TEMPLATES[template],
-        "model_max_length": max_length, "clean_up_tokenization_spaces": False,
-    }
-    special_map = {"bos_token": _token_entry(bos), "eos_token": _token_entry(eos), "unk_token": _token_entry(unk)}
-    files["special_tokens_map.json"] = {**special_map, **({"additional_special_tokens": added} if added else {})}
-    if model:
-        files["generation_config.json"] = {"bos_token_id": tokenizer.bos_id,
-                                           "eos_token_id": stop_ids(tokenizer, template)}
-    for name, content in files.items():
-        (folder / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
-    return ["tokenizer.model"] + (["added_tokens.json"] if added else []) + list(files)

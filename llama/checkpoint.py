@@ -1,4 +1,4 @@
-"""Llama 2 checkpoints in and out: Meta's layout and Hugging Face's.
+"""Loading Llama 2 checkpoints: Meta's layout and Hugging Face's (writing them is `llama.export`).
 
 Meta layout (what `download.sh` gives): a folder with `params.json` (dim, n_layers, n_heads, n_kv_heads,
 vocab_size (-1: from the weights), multiple_of, ffn_dim_multiplier, norm_eps) and `consolidated.NN.pth`,
@@ -16,7 +16,7 @@ and so does RoPE: Meta rotates interleaved pairs (x_2i, x_2i+1), HF rotates halv
 compute the same attention scores if the rows of wq and wk are permuted inside each head so that
     HF row  j * D/2 + i  =  Meta row  2i + j        (i < D/2, j in {0, 1})
 which is `permute_for_hf` (`unpermute_from_hf` is its inverse; `rotary_heads` says which tensors it applies to,
-for the loader, the saver and LoRA's PEFT export alike). Scores q·k are sums over the pairs, so
+for the loader, `llama.export` and LoRA's PEFT export alike). Scores q·k are sums over the pairs, so
 renumbering the pairs the same way in q and k changes nothing else.
 
 Loading streams: the model is built on the `meta` device (no memory), files are opened with
@@ -34,18 +34,15 @@ import json
 import os
 import pickle
 import re
-import shutil
 from collections.abc import Callable, Iterable
 from itertools import groupby
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .model import ModelArgs, Transformer
-from .chat import save_tokenizer_files
 from .tokenizer import Tokenizer
 
 
@@ -192,8 +189,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise partial
     raise CheckpointError(f"checkpoint folder {path} does not exist, and {repo_id} is not in the Hugging Face hub "
                           "cache either; looked for:\n" + "".join(f"  {r}\n" for r in repos)
-                          + f"Download it with `huggingface-cli download {repo_id}` (the cache folder is $HF_HUB_CACHE, "
-                          "else $HF_HOME/hub, else ~/.cache/huggingface/hub), or pass the checkpoint's folder")
+                          + f"Download it with `huggingface-cli download {repo_id}` (the cache folder is "
+                          "$HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub), or pass the "
+                          "checkpoint's folder")
 
 
 def weights_size(path: str | Path) -> int:
@@ -266,7 +264,8 @@ def _by_layer(names: list[str]) -> Iterable[list[str]]:
 
 def _check_shape(file: Path, name: str, found: torch.Size, expected: torch.Size) -> None:
     if found != expected:
-        raise CheckpointError(f"{file}: tensor {name} has shape {tuple(found)}, but the config implies {tuple(expected)}")
+        raise CheckpointError(f"{file}: tensor {name} has shape {tuple(found)}, but the config implies "
+                              f"{tuple(expected)}")
 
 
 def _read_json(file: Path, required: Iterable[str] = ()) -> dict:
@@ -321,8 +320,11 @@ def _open_meta(path: Path):
             for name in group:
                 parts = [s[name] for s in shards]
                 kind = name.split(".")[-2]
-                dim = 0 if kind in _COLUMN_PARALLEL else 1 if kind in _ROW_PARALLEL else None  # None: replicated
-                if dim is None:  # replicated: shard 0 holds all of it
+                if kind in _COLUMN_PARALLEL:
+                    dim = 0
+                elif kind in _ROW_PARALLEL:
+                    dim = 1
+                else:  # replicated: shard 0 holds all of it
                     parts, dim = parts[:1], 0
                 if len({p.shape for p in parts}) != 1:
                     raise CheckpointError(f"{path}: tensor {name} has different shapes across shards "
@@ -385,7 +387,8 @@ def _open_hf(path: Path):
             if not (path / fname).is_file():
                 raise CheckpointError(f"{index} names {fname}, which is not in {path}")
     else:
-        files = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else sorted(path.glob("*.safetensors"))
+        single = path / "model.safetensors"
+        files = [single] if single.is_file() else sorted(path.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"{path}: config.json but no *.safetensors weights")
         weight_map = {}
@@ -440,140 +443,3 @@ def _check_tokenizer(path: Path, vocab_size: int) -> None:
     if not (vocab_size == t.n_words or (t.n_words < vocab_size < t.n_words + 128 and vocab_size % 128 == 0)):
         raise CheckpointError(f"{tok} has {t.n_words} tokens ({len(t.special_tokens)} from added_tokens.json), but the "
                               f"checkpoint in {path} has {vocab_size} embedding rows")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Saving
-# ---------------------------------------------------------------------------------------------------
-
-
-def _export_tensors(model: Transformer) -> dict[str, tuple[Callable[[], Tensor], torch.Size]]:
-    """Meta name -> (a function giving that dense weight, its shape), in Meta's order. A module with a
-    `dequantize()` method and no `.weight` (quant.NF4Linear) gives its dequantized weight as
-    "<module>.weight"; the functions are called one at a time while writing, so a quantized model is never
-    dense all at once. Anything that is not a parameter of the Llama architecture (e.g. an unmerged LoRA)
-    is an error."""
-    quantized = {name: m.dequantize for name, m in model.named_modules()
-                 if callable(getattr(m, "dequantize", None)) and not isinstance(getattr(m, "weight", None), Tensor)}
-    found = {f"{q}.weight": dequantize for q, dequantize in quantized.items()}
-    # every other parameter (a tied one under each of its names)
-    found.update({n: p.detach for n, p in model.named_parameters(remove_duplicate=False)
-                  if not any(n.startswith(q + ".") for q in quantized)})
-    with torch.device("meta"):
-        expected = {n: p.shape for n, p in Transformer(model.args).named_parameters()}
-    if set(found) != set(expected):
-        missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-        raise ValueError(f"save_model: the model is not a plain Llama (missing {missing[:3]}, extra {extra[:3]}); "
-                         "merge LoRA adapters first (lora.merge_lora)")
-    return {n: (found[n], shape) for n, shape in expected.items()}
-
-
-def _materialize(name: str, get: Callable[[], Tensor], shape: torch.Size, dtype: torch.dtype) -> Tensor:
-    t = get().detach()
-    if t.shape != shape:
-        raise ValueError(f"save_model: {name} has shape {tuple(t.shape)}, model.args imply {tuple(shape)}")
-    return t.to("cpu", dtype).contiguous()
-
-
-def meta_params(args: ModelArgs) -> dict:
-    """params.json as Meta writes it. Meta's Llama 2 loader passes these to its ModelArgs(max_seq_len=...,
-    **params), so max_seq_len must not appear and rope_theta only where it is not the default."""
-    params = dict(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, multiple_of=args.multiple_of,
-                  norm_eps=args.norm_eps, vocab_size=args.vocab_size)
-    # the rest only where not the default (Meta's 7B and 13B params.json have no n_kv_heads)
-    defaults = {"n_kv_heads": args.n_heads, "ffn_dim_multiplier": None, "rope_theta": 10000.0}
-    return params | {k: getattr(args, k) for k, default in defaults.items() if getattr(args, k) != default}
-
-
-def hf_config(args: ModelArgs, intermediate_size: int, dtype: torch.dtype) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": args.dim, "intermediate_size": intermediate_size,
-        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
-        "num_hidden_layers": args.n_layers, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
-        "rope_scaling": None, "vocab_size": args.vocab_size, "max_position_embeddings": args.max_seq_len,
-        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
-        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None, "initializer_range": 0.02,
-        "torch_dtype": str(dtype).removeprefix("torch."), "use_cache": True,
-    }
-
-
-def save_model(model: Transformer, path: str | Path, layout: str = "meta",
-               tokenizer: str | Path | Tokenizer | None = None, max_shard_size: int = 5 * 10**9,
-               template: str | None = None) -> Path:
-    """Write `model` as a Meta folder (consolidated.00.pth + params.json) or a Hugging Face folder
-    (config.json + model.safetensors, split into model-0000k-of-0000n.safetensors + an index past
-    max_shard_size bytes), in the dtype of its embedding. `tokenizer` (a tokenizer.model or its folder, or a
-    `Tokenizer`) goes in too, with its added tokens; with the chat `template` it was trained on, also the
-    files Hugging Face tooling and llama.cpp's converter read (`llama.chat.save_tokenizer_files`:
-    tokenizer.json, tokenizer_config.json with the Jinja chat_template, special_tokens_map.json,
-    generation_config.json). Written to a temporary folder and renamed into place, so a crash never leaves a
-    half-written `path` (an existing `path` is replaced)."""
-    if layout not in ("meta", "hf"):
-        raise ValueError(f"save_model: layout must be 'meta' or 'hf', got {layout!r}")
-    if template is not None and tokenizer is None:
-        raise ValueError("save_model: a chat template is written with a tokenizer; pass tokenizer= too")
-    path = Path(path)
-    if isinstance(tokenizer, (str, Path)):
-        tokenizer = Tokenizer(tokenizer)  # a missing file is an error that names it, before anything is written
-
-    tensors = _export_tensors(model)
-    dtype = model.tok_embeddings.weight.dtype
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        if layout == "meta":
-            torch.save({n: _materialize(n, get, shape, dtype) for n, (get, shape) in tensors.items()},
-                       tmp / "consolidated.00.pth")
-            (tmp / "params.json").write_text(json.dumps(meta_params(model.args), indent=2))
-        else:
-            hidden = tensors["layers.0.feed_forward.w1.weight"][1][0]
-            (tmp / "config.json").write_text(json.dumps(hf_config(model.args, hidden, dtype), indent=2))
-            _save_hf_weights(tensors, model.args, dtype, tmp, max_shard_size)
-        if template is not None:
-            save_tokenizer_files(tokenizer, tmp, template, model=True, max_length=model.args.max_seq_len)
-        elif tokenizer is not None:
-            tokenizer.save(tmp)
-        if path.exists():  # a rename cannot replace a non-empty folder: move the old one aside first
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-def _save_hf_weights(tensors: dict, args: ModelArgs, dtype: torch.dtype, folder: Path, max_shard_size: int) -> None:
-    """Plan the shards from the shapes first (file names carry the shard count), then write one shard at a
-    time so only one shard is ever materialised on the CPU."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    plan: list[list[str]] = [[]]
-    size = total = 0
-    for name, (_, shape) in tensors.items():
-        nbytes = shape.numel() * itemsize
-        if plan[-1] and size + nbytes > max_shard_size:
-            plan.append([])
-            size = 0
-        plan[-1].append(name)
-        size += nbytes
-        total += nbytes
-    files = (["model.safetensors"] if len(plan) == 1 else
-             [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
-    weight_map = {}
-    for fname, names in zip(files, plan):
-        shard = {}
-        for name in names:
-            t = _materialize(name, *tensors[name], dtype)
-            if heads := rotary_heads(args, name):
-                t = permute_for_hf(t, heads)
-            shard[meta_to_hf_key(name)] = t.contiguous()
-        save_file(shard, str(folder / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-    if len(plan) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

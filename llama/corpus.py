@@ -5,6 +5,8 @@ filters (overlong, too few trained tokens), draws the fraction and the val split
 else a row) from the seed, and writes a folder, atomically (a temp folder renamed at the end):
 
     meta.json              {"key": what it was made from, "stats": per-source counts, "splits": sizes}
+    skipped.jsonl          with bad_rows="skip", when rows were left out: {"where": "file:row", "reason",
+                           "error"} for each of the first MAX_LISTED (every one is counted in the stats)
     train/ val/            per split (val only with a val split):
       ids.npy              int32 [tokens]       every kept sample's token ids, concatenated
       mask.npy             uint8 [tokens]       1 where the token is trained on (llama.chat.encode_chat's mask)
@@ -25,11 +27,10 @@ import json
 import multiprocessing as mp
 import os
 import random
-import shutil
 import sys
-import time
 from bisect import bisect_left, insort
-from collections import deque
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from itertools import chain, islice
 from pathlib import Path
@@ -38,6 +39,7 @@ import numpy as np
 
 from .chat import encode_chat
 from .data import DataError, data_files, parse_data_spec, read_dialogs
+from .files import Progress, atomic_folder
 from .tokenizer import Tokenizer
 
 VERSION = 1
@@ -45,6 +47,7 @@ SKIP_REASONS = ("overlong", "too_few_assistant_tokens")  # status codes 1, 2 (0:
 ARRAYS = {"ids": np.int32, "mask": np.uint8, "offsets": np.int64, "targets": np.int32,
           "pack_rows": np.int64, "pack_samples": np.int64}
 CHUNK_ROWS, CHUNK_CHARS = 1024, 1 << 21  # a worker's unit of work: this many dialogs or characters
+MAX_LISTED = 1000  # bad rows written to skipped.jsonl
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ class DataOptions:
     oasst_top_k: int = 0
     oasst_lang: tuple[str, ...] = ()
     text_as_lm: bool = False
+    bad_rows: str = "error"  # error | skip: a bad row stops the run, or is left out (llama.data.read_dialogs)
+    max_bad_fraction: float = 0.01  # with skip: more bad rows than this share of a file is an error
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -84,7 +89,6 @@ def corpus_key(data: list[str], tokenizer: Tokenizer, opts: DataOptions) -> dict
     # The whole content is hashed, not size + mtime (a copy or an edit in place keeps those) nor sampled blocks
     # (a changed row in between would go unseen): streamed sha256 runs at disk/memory speed, and the files
     # are hashed in threads (hashlib releases the GIL), so a sharded hub folder takes about its largest file.
-    from concurrent.futures import ThreadPoolExecutor
     sources = []
     with ThreadPoolExecutor(resolve_workers(0)) as ex:
         for path, fraction in map(parse_data_spec, data):
@@ -97,10 +101,13 @@ def corpus_key(data: list[str], tokenizer: Tokenizer, opts: DataOptions) -> dict
 
 
 def key_difference(a: dict, b: dict) -> list[str]:
-    """The fields in which two keys differ (a source counts as the same when its files' contents are)."""
+    """The fields in which two keys differ (a source counts as the same when its files' contents are; an option
+    a key lacks, written before the option existed, has its default)."""
     def content(k):
         return [(s["fraction"], [(f["bytes"], f["sha256"]) for f in s["files"]]) for s in k.get("sources", [])]
-    diff = [k for k in sorted(set(a) | set(b)) if k != "sources" and a.get(k) != b.get(k)]
+    default = asdict(DataOptions())
+    diff = [k for k in sorted(set(a) | set(b))
+            if k != "sources" and a.get(k, default.get(k)) != b.get(k, default.get(k))]
     return (["data files"] if content(a) != content(b) else []) + diff
 
 
@@ -224,22 +231,10 @@ def _write_npy(path: Path, dtype, n: int):
     return f
 
 
-class _Progress:
-    """One line rewritten in place on a terminal, a line every 10 s in a log; silent for work under 2 s."""
-
-    def __init__(self, show: bool):
-        self.show, self.tty, self.shown = show, sys.stdout.isatty(), False
-        self.t0 = self.last = time.time()
-
-    def __call__(self, rows: int, tokens: int, done: bool = False) -> None:
-        now = time.time()
-        due = now - self.last >= (1 if self.tty else 10) and now - self.t0 >= 2
-        if not self.show or not (self.shown if done else due):  # the last line only after a first one
-            return
-        self.last, self.shown = now, True
-        dt = max(now - self.t0, 1e-9)
-        print(f"{chr(13) if self.tty else ''}tokenizing: {rows:,} rows, {tokens:,} tokens, {rows / dt:,.0f} rows/s, "
-              f"{tokens / dt / 1e6:.2f}M tokens/s, {dt:.0f}s   ", end="\n" if done or not self.tty else "", flush=True)
+def _show_progress(progress: Progress, rows: int, tokens: int, done: bool = False) -> None:
+    dt = max(progress.elapsed(), 1e-9)
+    rates = f"{rows / dt:,.0f} rows/s, {tokens / dt / 1e6:.2f}M tokens/s"
+    progress(f"{rows:,} rows, {tokens:,} tokens, {rates}, {dt:.0f}s", done)
 
 
 def _starts(lengths) -> np.ndarray:
@@ -247,13 +242,15 @@ def _starts(lengths) -> np.ndarray:
     return np.concatenate(([0], np.cumsum(lengths, dtype=np.int64)))
 
 
-def _stats(cat: dict, picked: np.ndarray, train: np.ndarray, val: np.ndarray) -> dict:
-    """meta.json's counts for the drawn samples `picked`, of which `train` and `val` were kept."""
+def _stats(cat: dict, picked: np.ndarray, train: np.ndarray, val: np.ndarray, bad: Counter) -> dict:
+    """meta.json's counts for the drawn samples `picked`, of which `train` and `val` were kept, and the bad rows
+    left out (read_dialogs' reasons -> counts)."""
     skipped = np.bincount(cat["status"][picked], minlength=len(SKIP_REASONS) + 1)
     both = np.concatenate([train, val])
     kept = cat["kept"][both]
-    return {"rows": len(picked), "accepted": len(train), "val": len(val),
-            "skipped": {why: int(skipped[code]) for code, why in enumerate(SKIP_REASONS, 1) if skipped[code]},
+    return {"rows": len(picked) + sum(bad.values()), "accepted": len(train), "val": len(val),
+            "skipped": {**dict(sorted(bad.items())),
+                        **{why: int(skipped[code]) for code, why in enumerate(SKIP_REASONS, 1) if skipped[code]}},
             "truncated": int((cat["full"][both] > kept).sum()), "tokens": int(kept.sum()),
             "trained_tokens": int(cat["trained"][both].sum()),
             "min_tokens": int(kept.min()) if len(both) else None, "max_tokens": int(kept.max(initial=0)),
@@ -261,57 +258,62 @@ def _stats(cat: dict, picked: np.ndarray, train: np.ndarray, val: np.ndarray) ->
 
 
 def prepare_corpus(data: list[str], tokenizer: Tokenizer, dest: Path, opts: DataOptions, *, workers: int = 0,
-                   progress: bool = True, key: dict | None = None) -> dict:
+                   key: dict | None = None) -> dict:
     """Tokenize, filter and split the sources into the folder `dest` (replaced atomically); returns meta.json's
     content. A DataError leaves `dest` as it was."""
     if not data:
         raise DataError("no data sources given (expected one or more files or folders)")
-    dest = Path(dest)
     key = key or corpus_key(data, tokenizer, opts)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        meta = _prepare(data, tokenizer, tmp, opts, resolve_workers(workers), progress, key)
-        old = dest.parent / f".old-{dest.name}-{os.getpid()}"
-        if dest.exists():
-            os.rename(dest, old)
-        os.rename(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-        return meta
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_folder(dest) as tmp:
+        return _prepare(data, tokenizer, tmp, opts, resolve_workers(workers), key)
 
 
-def _prepare(data, tokenizer, tmp: Path, opts: DataOptions, workers: int, progress: bool, key: dict) -> dict:
+def _left_out(samples, bad: Counter, listed: list[dict]):
+    """The samples without read_dialogs' records of bad rows, which are counted by reason in `bad` and the first
+    MAX_LISTED of which are appended to `listed` (here, in the main process: workers see only good rows, so
+    the corpus does not depend on their count and a bad row takes no group in the draw)."""
+    for s in samples:
+        if "skipped" not in s:
+            yield s
+            continue
+        bad[s["skipped"]] += 1
+        if len(listed) < MAX_LISTED:
+            listed.append({"where": s["where"], "reason": s["skipped"], "error": s["error"]})
+
+
+def _prepare(data, tokenizer, tmp: Path, opts: DataOptions, workers: int, key: dict) -> dict:
     # 1) every sample of every source, tokenized in file order, appended to flat temp files
     per: dict[str, list] = {k: [] for k in ("kept", "full", "status", "trained", "targets")}
     groups: list[list[int]] = []  # per source: each sample's group, numbered by first appearance
-    show = _Progress(progress)
+    bad: list[Counter] = []  # per source: bad rows left out, by reason
+    listed: list[dict] = []
+    show = Progress("tokenizing", tty_every=1, log_every=10, quiet=2)
     rows = tokens = 0
     with open(tmp / "all_ids.bin", "wb") as fi, open(tmp / "all_mask.bin", "wb") as fm:
         for spec in data:
             dialogs = read_dialogs(parse_data_spec(spec)[0], oasst_top_k=opts.oasst_top_k,
-                                   oasst_lang=list(opts.oasst_lang) or None, text_as_lm=opts.text_as_lm)
+                                   oasst_lang=list(opts.oasst_lang) or None, text_as_lm=opts.text_as_lm,
+                                   template=opts.template, bad_rows=opts.bad_rows,
+                                   max_bad_fraction=opts.max_bad_fraction)
             groups.append([])
-            for r in _tokenized(_chunks(dialogs, groups[-1]), tokenizer, opts, workers):
+            bad.append(Counter())
+            for r in _tokenized(_chunks(_left_out(dialogs, bad[-1], listed), groups[-1]), tokenizer, opts, workers):
                 fi.write(r["ids"].tobytes())
                 fm.write(r["mask"].tobytes())
                 for k in per:
                     per[k].append(r[k])
                 rows, tokens = rows + len(r["kept"]), tokens + len(r["ids"])
-                show(rows, tokens)
-    show(rows, tokens, done=True)
+                _show_progress(show, rows, tokens)
+    _show_progress(show, rows, tokens, done=True)
     cat = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in per.items()}
     start = _starts(cat["kept"])  # where each sample's kept tokens are in the temp files
 
     # 2) per source: shuffle its groups (one Random(seed) across sources, in order), keep the fraction,
     # hold out the first groups until the val share is reached; samples keep their file order within a group
     rng = random.Random(opts.seed)
-    drawn = []  # per source: (path, picked, train, val), the last three indices into cat
+    drawn = []  # per source: (path, picked, train, val, bad rows), picked, train and val indices into cat
     first = 0
-    for spec, group in zip(data, groups):
+    for spec, group, b in zip(data, groups, bad):
         path, fraction = parse_data_spec(spec)
         n_groups = max(group, default=-1) + 1
         perm = list(range(n_groups))
@@ -326,10 +328,10 @@ def _prepare(data, tokenizer, tmp: Path, opts: DataOptions, workers: int, progre
         n_val = min(opts.max_val, int(len(picked) * opts.val_split))
         in_val = np.repeat(np.cumsum(sizes) - sizes < n_val, sizes)  # whole groups until n_val samples held out
         ok = cat["status"][picked] == 0
-        drawn.append((str(path), picked, picked[ok & ~in_val], picked[ok & in_val]))
+        drawn.append((str(path), picked, picked[ok & ~in_val], picked[ok & in_val], b))
     stats = {"files": {path: _stats(cat, *d) for path, *d in drawn}}
     picked, train, val = (np.concatenate([d[i] for d in drawn]) for i in (1, 2, 3))
-    stats["total"] = _stats(cat, picked, train, val)
+    stats["total"] = _stats(cat, picked, train, val, sum(bad, Counter()))
     if not len(train):
         raise DataError(f"no training samples left after filtering ({json.dumps(stats['files'])})")
 
@@ -357,6 +359,8 @@ def _prepare(data, tokenizer, tmp: Path, opts: DataOptions, workers: int, progre
                             "packing_efficiency": round(int(offsets[-1]) / ((len(pack_rows) - 1) * opts.seq_len), 4)}
     (tmp / "all_ids.bin").unlink()
     (tmp / "all_mask.bin").unlink()
+    if listed:
+        (tmp / "skipped.jsonl").write_text("".join(json.dumps(r) + "\n" for r in listed))
     meta = {"format": "llama2-sft tokenized corpus", "key": key, "stats": stats, "splits": splits}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta

@@ -16,16 +16,24 @@ Formats, detected per file from its first row (every row of a file must have the
                 (`*.trees.jsonl.gz`); both OpenAssistant forms give one dialog per thread (rules below)
   text          {"text"} in a chat form: Llama-2 [INST], Guanaco "### Human:", ChatML, Tulu "<|user|>"
 
+A message's content may be a string or a list of OpenAI / Hugging Face content parts,
+[{"type": "text", "text": "..."}, ...]: the text parts are joined in order with nothing between them (as Hugging
+Face's chat templates render parts; vLLM's server joins them with "\n" instead); a part of any other type is
+an error naming it.
+
 Every dialog is checked by `llama.chat.validate_dialog`; bad data is a DataError naming `file:row` (the line
-of a .jsonl, the 1-based index of the row in a .json array or a parquet file).
+of a .jsonl, the 1-based index of the row in a .json array or a parquet file). With bad_rows="skip" a bad row
+is left out instead (see `read_dialogs`); problems of a whole file (an unreadable gzip, parquet or .json array,
+rows of two formats) stop the reading either way.
 """
 import gzip
 import io
 import json
 import math
 import re
+import sys
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -35,11 +43,19 @@ DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, which some editors put first in a file
 JSON_CHUNK = 1 << 20  # characters of a .json array read at a time
 JSON_SPACE = re.compile(r"[ \t\r\n]*")  # the white space JSON allows between values
+BAD_ROWS = ("error", "skip")
+BAD_ROW_REASONS = ("invalid_json", "unknown_format", "invalid_dialog", "invalid_oasst")  # a skipped row's reason
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
 class DataError(ValueError):
-    """Bad user data; the message names the file and the row."""
+    """Bad user data; the message names the file and the row. A message that quotes a huge value is cut in the
+    middle: its start says where and what, its end what was expected."""
+
+    def __init__(self, message: str):
+        if len(message) > 1000:
+            message = f"{message[:700]} [... {len(message) - 900:,} characters ...] {message[-200:]}"
+        super().__init__(message)
 
 
 def parse_data_spec(spec: str) -> tuple[Path, float]:
@@ -76,8 +92,9 @@ def data_files(path: Path) -> list[Path]:
 # Containers -> rows.
 
 
-def iter_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    """(row number from 1, row) of one data file; a .jsonl row's number is its line."""
+def iter_rows(path: Path, bad_lines: bool = False) -> Iterator[tuple[int, dict | DataError]]:
+    """(row number from 1, row) of one data file; a .jsonl row's number is its line. With `bad_lines`, a line
+    that is not JSON is yielded as (n, the DataError) instead of raised, and reading goes on."""
     path = Path(path)
     name = path.name.lower()
     if name.endswith(".parquet"):
@@ -96,16 +113,34 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict]]:
                 if not line.strip():
                     continue
                 try:
-                    yield n, json.loads(line.decode("utf-8-sig" if n == 1 else "utf-8"))
+                    row = json.loads(line.decode("utf-8-sig" if n == 1 else "utf-8"))
                 except UnicodeDecodeError as e:
-                    raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line)")
+                    row = DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line)")
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); "
+                    row = DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); "
                                     "expected one JSON object per line")
+                except (ValueError, RecursionError) as e:
+                    row = DataError(f"{path}:{n}: cannot read the JSON: {_json_limit(e)}")
+                if isinstance(row, DataError) and not bad_lines:
+                    raise row
+                yield n, row
     except UnicodeDecodeError as e:  # in a .json array (a .jsonl line's is caught above)
         raise DataError(f"{path}:{n + 1}: not UTF-8 text ({e.reason})") from None
     except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
-        raise DataError(f"{path}:{n + 1}: cannot read the file: {e}") from None
+        raise DataError(f"{path}:{n + 1}: cannot read the file: {_one_line(e)}") from None
+
+
+def _one_line(e: Exception) -> str:
+    """A library's error message on one line (pyarrow's may span several)."""
+    return " ".join(str(e).split())
+
+
+def _json_limit(e: Exception) -> str:
+    """Why Python's JSON reader gave up on text that may be valid JSON: one of its limits."""
+    if isinstance(e, RecursionError):
+        return (f"it nests deeper than Python's JSON reader allows (about {sys.getrecursionlimit()} levels of objects "
+                "and lists; an OpenAssistant tree row nests two per reply)")
+    return str(e).split(":")[0]  # "Exceeds the limit (4300 digits) for integer string conversion"
 
 
 def _json_array_rows(path: Path, f) -> Iterator[tuple[int, object]]:
@@ -148,6 +183,8 @@ def _json_array_rows(path: Path, f) -> Iterator[tuple[int, object]]:
                 # An element cut by the chunk end looks like bad JSON: read on; at the end of the file it is bad.
                 if not more():
                     raise DataError(f"{path}:{n + 1}: not valid JSON ({e.msg}); expected a JSON array of objects")
+            except (ValueError, RecursionError) as e:
+                raise DataError(f"{path}:{n + 1}: cannot read the JSON: {_json_limit(e)}") from None
         n += 1
         pos = end
         yield n, row
@@ -155,6 +192,7 @@ def _json_array_rows(path: Path, f) -> Iterator[tuple[int, object]]:
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{path}: reading parquet files needs pyarrow: pip install pyarrow "
@@ -165,8 +203,8 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
             for row in batch.to_pylist():
                 n += 1
                 yield n, row
-    except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError, ArrowIOError an OSError
-        raise DataError(f"{path}:{n + 1}: cannot read the parquet file: {e}") from None
+    except (OSError, ValueError, pa.ArrowException) as e:  # ArrowInvalid is a ValueError, ArrowIOError an OSError
+        raise DataError(f"{path}:{n + 1}: cannot read the parquet file: {_one_line(e)}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -174,36 +212,91 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def read_dialogs(path: Path, *, oasst_top_k: int = 0, oasst_lang: Sequence[str] | None = None,
-                 text_as_lm: bool = False) -> Iterator[dict]:
+                 text_as_lm: bool = False, template: str | None = None, bad_rows: str = "error",
+                 max_bad_fraction: float = 0.01) -> Iterator[dict]:
     """Samples of a data file or folder: {"where": "file:row", "group": str, "messages": [...]}, or
     {"where", "group", "text"} for a text row without chat markers when `text_as_lm` (trained whole).
 
     Order: files in name order, rows in file order; OASST message rows are gathered over the whole folder (a
     hub snapshot cuts its shards anywhere in a tree) and their threads come last, trees in order of first
     appearance, threads depth first. "group" is what a train/val split draws by: the OASST tree, else the row.
+
+    `template` also checks each dialog against that chat template (llama2's alternation, alpaca's single turn),
+    so a dialog it cannot render is a bad row here rather than when it is tokenized. A bad row is a DataError;
+    with bad_rows="skip" it is yielded as {"where": "file:row", "skipped": reason (one of BAD_ROW_REASONS),
+    "error": the DataError's message} and reading goes on, unless more than `max_bad_fraction` of a file's rows
+    are bad (that is a wrong format or template rather than a few broken rows). An OASST thread that breaks the
+    rules counts as a bad row of the file of its last message; a message row left out takes its replies along.
     """
+    if bad_rows not in BAD_ROWS:
+        raise ValueError(f"bad_rows must be one of {BAD_ROWS}, got {bad_rows!r}")
+    if not 0 <= max_bad_fraction <= 1:
+        raise DataError(f"--max-bad-fraction must be in [0, 1], got {max_bad_fraction}")
+    skip = bad_rows == "skip"
+    n_rows: dict[str, int] = {}  # per file: rows read
+    n_bad: dict[str, list] = {}  # per file: [bad rows, the first one's message]
+
+    def counted(samples: Iterable[dict]) -> Iterator[dict]:
+        for s in samples:
+            if "skipped" in s:
+                n_bad.setdefault(s["where"].rpartition(":")[0], [0, s["error"]])[0] += 1
+            yield s
+
+    def check_fraction(file: str) -> None:
+        bad, first = n_bad.get(file, (0, ""))
+        if bad > max_bad_fraction * n_rows[file]:
+            raise DataError(f"{file}: {bad} of its {n_rows[file]} rows are bad, more than --max-bad-fraction "
+                            f"{max_bad_fraction} allows: probably a wrong --template or data format rather than a few "
+                            f"broken rows. The first: {first}")
+
     oasst_rows: dict[str, dict] = {}
     for file in data_files(Path(path)):
         fmt = first = None  # the format of the file's first row, and where that is
-        for n, row in iter_rows(file):
+        n_rows[str(file)] = 0
+        for n, row in iter_rows(file, bad_lines=skip):
+            n_rows[str(file)] += 1
             where = f"{file}:{n}"
-            f = row_format(row, where)
+            try:
+                if isinstance(row, DataError):  # a line that is not JSON (yielded only with bad_lines)
+                    raise row
+                f = row_format(row, where)
+            except DataError as e:
+                yield from counted([_bad(e, where, "invalid_json" if row is e else "unknown_format", skip)])
+                continue
             if fmt is None:
                 fmt, first = f, where
             elif f != fmt:
                 raise DataError(f"{where}: row is {FORMATS[f][1]} but the file's first row ({first}) is "
                                 f"{FORMATS[fmt][1]}; every row of a file must have the same format")
-            if fmt == "oasst_message":
-                add_oasst_message(oasst_rows, row, where)
-            elif fmt == "oasst_tree":
-                yield from oasst_dialogs(oasst_tree_node(row, where), oasst_top_k, oasst_lang)
-            elif fmt == "text":
-                msgs = text_to_messages(row["text"], where, text_as_lm)
-                yield {"where": where, "group": where, **({"messages": msgs} if msgs else {"text": row["text"]})}
-            else:
-                yield {"where": where, "group": where, "messages": to_messages(row, fmt, where)}
-    for root in link_oasst_messages(oasst_rows):
-        yield from oasst_dialogs(root, oasst_top_k, oasst_lang)
+            try:
+                if fmt == "oasst_message":
+                    add_oasst_message(oasst_rows, row, where)
+                    samples = []
+                elif fmt == "oasst_tree":
+                    samples = oasst_dialogs(oasst_tree_node(row, where), oasst_top_k, oasst_lang, template, skip)
+                elif fmt == "text":
+                    msgs = text_to_messages(row["text"], where, text_as_lm, template)
+                    samples = [{"where": where, "group": where,
+                                **({"messages": msgs} if msgs else {"text": row["text"]})}]
+                else:
+                    samples = [{"where": where, "group": where, "messages": to_messages(row, fmt, where, template)}]
+            except DataError as e:
+                samples = [_bad(e, where, "invalid_oasst" if fmt.startswith("oasst") else "invalid_dialog", skip)]
+            yield from counted(samples)
+        check_fraction(str(file))
+    roots, left_out = link_oasst_messages(oasst_rows, skip)
+    yield from counted(left_out)
+    for root in roots:
+        yield from counted(oasst_dialogs(root, oasst_top_k, oasst_lang, template, skip))
+    for file in n_rows:
+        check_fraction(file)
+
+
+def _bad(e: DataError, where: str, reason: str, skip: bool) -> dict:
+    """With `skip`, the record that stands for a bad row in read_dialogs' output; otherwise `e` is raised."""
+    if not skip:
+        raise e
+    return {"where": where, "skipped": reason, "error": str(e)}
 
 
 FORMATS = {  # format: (the keys that identify its rows, tried in this order; its name in errors)
@@ -229,32 +322,85 @@ def row_format(row, where: str) -> str:
                     f"found keys {sorted(row)}")
 
 
-def to_messages(row: dict, fmt: str, where: str) -> list[dict]:
+def to_messages(row: dict, fmt: str, where: str, template: str | None = None) -> list[dict]:
     """One row of a row-per-dialog format (chat, sharegpt, alpaca) -> checked [{"role", "content"}, ...]."""
     if fmt == "chat":
         msgs = row["messages"]
     elif fmt == "sharegpt":
         msgs = []
         for turn in row["conversations"] if isinstance(row["conversations"], list) else [None]:
-            if not isinstance(turn, dict) or turn.get("from") not in SHAREGPT_ROLES:
-                raise DataError(f"{where}: ShareGPT turn {turn!r} has no known 'from' "
+            role = turn.get("from") if isinstance(turn, dict) else None
+            if not isinstance(role, str) or role not in SHAREGPT_ROLES:
+                raise DataError(f"{where}: ShareGPT turn {_short(turn)} has no known 'from' "
                                 f"(expected one of {sorted(SHAREGPT_ROLES)})")
-            msgs.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn.get("value")})
+            msgs.append({"role": SHAREGPT_ROLES[role], "content": turn.get("value")})
     else:  # alpaca: the input, when present, follows the instruction
         assert fmt == "alpaca", fmt
         user = {"role": "user", "content": row["instruction"]}
         if row.get("input"):
             user["input"] = row["input"]
         msgs = [user, {"role": "assistant", "content": row["output"]}]
-    check_dialog(msgs, where)
+    return check_dialog(msgs, where, template)
+
+
+def join_text_parts(msgs, where: str):
+    """The messages with any content given as a list of content parts joined into one string (see the module
+    docstring); `msgs` itself when there is none. Anything else is left to check_dialog."""
+    if not isinstance(msgs, list) or not any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in msgs):
+        return msgs
+    out = []
+    for i, m in enumerate(msgs):
+        if isinstance(m, dict) and isinstance(m.get("content"), list):
+            texts = []
+            for k, part in enumerate(m["content"]):
+                what = f"{where}: message {i}: content part {k}"
+                if not isinstance(part, dict):
+                    raise DataError(f"{what} is {type(part).__name__}; expected {{\"type\": \"text\", \"text\": ...}}")
+                if part.get("type") != "text":
+                    raise DataError(f"{what} has type {_short(part.get('type'))}; only text parts can be trained on "
+                                    "({\"type\": \"text\", \"text\": ...})")
+                if not isinstance(part.get("text"), str):
+                    raise DataError(f"{what}: 'text' must be a string, got {type(part.get('text')).__name__}")
+                texts.append(part["text"])
+            m = {**m, "content": "".join(texts)}
+        out.append(m)
+    return out
+
+
+def check_dialog(msgs, where: str, template: str | None = None) -> list[dict]:
+    """The dialog with its content parts joined, checked by validate_dialog (for `template` when given) and for
+    lone surrogates; any problem is a DataError naming `where`."""
+    try:
+        checked = validate_dialog(msgs, template)
+    except ValueError as e:
+        joined = join_text_parts(msgs, where)  # parts are rare: looked for only when the plain check fails
+        if joined is msgs:
+            raise DataError(f"{where}: {e}") from None
+        return check_dialog(joined, where, template)
+    try:  # one pass over the whole dialog; which text, only when it fails
+        "".join([m["content"] + m.get("input", "") for m in checked]).encode("utf-8")
+    except UnicodeEncodeError:
+        for i, m in enumerate(checked):
+            for text in (m["content"], m.get("input", "")):
+                check_unicode(text, where, f"message {i} ({m['role']}): the text")
     return msgs
 
 
-def check_dialog(msgs, where: str) -> None:
-    try:
-        validate_dialog(msgs)
-    except ValueError as e:
-        raise DataError(f"{where}: {e}") from None
+def check_unicode(text: str, where: str, what: str) -> None:
+    """A str decoded from JSON may hold a lone surrogate (a \\ud800 escape without its pair): that is not Unicode
+    text, and SentencePiece cannot take it."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"{where}: {what} holds a lone surrogate {text[e.start]!r} at character {e.start} (a JSON "
+                            "\\ud800-style escape without its pair), which is not Unicode text") from None
+
+
+def _short(value) -> str:
+    """repr(value), cut to 80 characters: error messages quote values, which may be huge."""
+    r = repr(value)
+    return r if len(r) <= 80 else r[:77] + "..."
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -263,7 +409,7 @@ def check_dialog(msgs, where: str) -> None:
 # and their parsers: TEXT_FORMS, below them.
 
 
-def text_to_messages(text, where: str, text_as_lm: bool = False) -> list[dict] | None:
+def text_to_messages(text, where: str, text_as_lm: bool = False, template: str | None = None) -> list[dict] | None:
     """A {"text"} row -> messages, from the chat markers the text starts with (after an optional <s>).
     None (train the text whole) when it has none and `text_as_lm`; otherwise that is a DataError."""
     if not isinstance(text, str):
@@ -274,13 +420,12 @@ def text_to_messages(text, where: str, text_as_lm: bool = False) -> list[dict] |
     parse = next((f for marker, f in TEXT_FORMS.items() if s.startswith(marker)), None)
     if parse is None:
         if text_as_lm:
+            check_unicode(text, where, "'text'")
             return None
         raise DataError(f"{where}: the text starts with none of the chat markers tried ({', '.join(TEXT_FORMS)}, "
                         f"after an optional <s>): {text[:60]!r}; to train on whole texts as plain language "
                         "modelling, pass --text-as-lm")
-    msgs = parse(s, where)
-    check_dialog(msgs, where)
-    return msgs
+    return check_dialog(parse(s, where), where, template)
 
 
 def _untag(s: str, head: bool = False) -> str:
@@ -366,15 +511,15 @@ def _oasst_node(row: dict, where: str, required: tuple[str, ...], ident: str = "
     for field in required:
         if row.get(field) is None:
             raise DataError(f"{where}: {what} has no {field!r} (found keys {sorted(row)})")
-    if row["role"] not in OASST_ROLES:
-        raise DataError(f"{where}: {what} has role {row['role']!r}; expected prompter or assistant")
+    if not isinstance(row["role"], str) or row["role"] not in OASST_ROLES:
+        raise DataError(f"{where}: {what} has role {_short(row['role'])}; expected prompter or assistant")
     if not isinstance(row["text"], str):
         raise DataError(f"{where}: {what}: 'text' is {type(row['text']).__name__}, not a string")
     rank = row.get("rank")
     if isinstance(rank, float) and math.isnan(rank):  # a null rank after a trip through pandas
         rank = None
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, float))):
-        raise DataError(f"{where}: {what}: rank {rank!r} is not a number")
+        raise DataError(f"{where}: {what}: rank {_short(rank)} is not a number")
     return {"id": row["message_id"], "role": row["role"], "text": row["text"], "lang": row.get("lang"),
             "rank": rank, "dropped": bool(row.get("deleted")) or bool(row.get("synthetic")),
             "review_result": row.get("review_result"), "where": where, "replies": []}
@@ -383,19 +528,24 @@ def _oasst_node(row: dict, where: str, required: tuple[str, ...], ident: str = "
 def oasst_tree_node(row: dict, where: str) -> dict:
     """A tree row ({"message_tree_id", "tree_state", "prompt": {..., "replies": [...]}}) -> its root node."""
     if not isinstance(row.get("prompt"), dict):
-        raise DataError(f"{where}: OpenAssistant tree {row.get('message_tree_id')!r} has no prompt message")
-
-    def node(m, path: str) -> dict:  # path: "prompt.0.2" = the prompt's first reply's third reply
+        raise DataError(f"{where}: OpenAssistant tree {_short(row.get('message_tree_id'))} has no prompt message")
+    nodes = []
+    todo = [(row["prompt"], "prompt", None)]  # (message, path, parent node), depth first in file order; path:
+    while todo:  # "prompt.0.2" = the prompt's first reply's third reply. A loop: threads may be any length.
+        m, path, parent = todo.pop()
         if not isinstance(m, dict):
             raise DataError(f"{where}: OpenAssistant message {path} is {type(m).__name__}, not an object")
         n = _oasst_node(m, where, ("message_id", "role", "text"), ident=path)
         replies = m.get("replies") or []
         if not isinstance(replies, list):
             raise DataError(f"{where}: OpenAssistant message {n['id']}: 'replies' must be a list")
-        n["replies"] = _rank_order([node(r, f"{path}.{i}") for i, r in enumerate(replies)])
-        return n
-
-    root = node(row["prompt"], "prompt")
+        todo.extend((r, f"{path}.{i}", n) for i, r in reversed(list(enumerate(replies))))
+        if parent is not None:
+            parent["replies"].append(n)
+        nodes.append(n)
+    for n in nodes:
+        n["replies"] = _rank_order(n["replies"])
+    root = nodes[0]
     root["tree_id"], root["tree_state"] = str(row["message_tree_id"]), row.get("tree_state")
     return root
 
@@ -403,73 +553,99 @@ def oasst_tree_node(row: dict, where: str) -> dict:
 def add_oasst_message(nodes: dict[str, dict], row: dict, where: str) -> None:
     """Keeps one message row (its needed fields) for linking into trees later."""
     n = _oasst_node(row, where, ("message_id", "message_tree_id", "role", "text"))
+    for field in ("message_id", "parent_id"):  # they are looked up: no list or object
+        v = row.get(field)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (str, int))):
+            raise DataError(f"{where}: OpenAssistant message {n['id']}: {field!r} must be a string or an "
+                            f"integer, got {type(v).__name__}")
     if n["id"] in nodes:
         raise DataError(f"{where}: OpenAssistant message {n['id']} appears twice (also at {nodes[n['id']]['where']})")
     n.update(parent_id=row.get("parent_id"), tree_id=str(row["message_tree_id"]), tree_state=row.get("tree_state"))
     nodes[n["id"]] = n
 
 
-def link_oasst_messages(nodes: dict[str, dict]) -> list[dict]:
-    """Message rows -> tree roots, in order of each tree's first row. Only a tree's root prompt lacks a parent_id
-    (the JSON export leaves null fields out; the parquet has nulls)."""
+def link_oasst_messages(nodes: dict[str, dict], skip: bool = False) -> tuple[list[dict], list[dict]]:
+    """Message rows -> (tree roots in order of each tree's first row, skipped records). Only a tree's root prompt
+    lacks a parent_id (the JSON export leaves null fields out; the parquet has nulls). A broken link is a
+    DataError; with `skip`, that message and its replies are left out instead, each a skipped record (see
+    read_dialogs)."""
     roots: dict[str, dict | None] = {}
+    left_out: dict[str, dict] = {}  # message id -> its skipped record
+
+    def leave_out(n: dict, problem: str) -> None:
+        left_out[n["id"]] = _bad(DataError(f"{n['where']}: OpenAssistant message {n['id']}{problem}"), n["where"],
+                                 "invalid_oasst", skip)
+
     for n in nodes.values():
         roots.setdefault(n["tree_id"], None)
         if n["parent_id"] is None:
             if roots[n["tree_id"]] is not None:
-                raise DataError(f"{n['where']}: OpenAssistant message {n['id']} has no 'parent_id', but only a "
-                                f"tree's root prompt may lack one and tree {n['tree_id']} already has its root at "
-                                f"{roots[n['tree_id']]['where']}")
-            roots[n["tree_id"]] = n
+                leave_out(n, f" has no 'parent_id', but only a tree's root prompt may lack one and tree {n['tree_id']} "
+                             f"already has its root at {roots[n['tree_id']]['where']}")
+            else:
+                roots[n["tree_id"]] = n
         elif n["parent_id"] not in nodes:
-            raise DataError(f"{n['where']}: OpenAssistant message {n['id']}: its parent {n['parent_id']} is not in "
-                            "the data")
+            leave_out(n, f": its parent {n['parent_id']} is not in the data")
         else:
             parent = nodes[n["parent_id"]]
             if parent["tree_id"] != n["tree_id"]:
-                raise DataError(f"{n['where']}: OpenAssistant message {n['id']} is in tree {n['tree_id']} but its "
-                                f"parent {parent['id']} is in tree {parent['tree_id']}")
-            parent["replies"].append(n)
+                leave_out(n, f" is in tree {n['tree_id']} but its parent {parent['id']} is in tree {parent['tree_id']}")
+            else:
+                parent["replies"].append(n)
     for tree_id, root in roots.items():
-        if root is None:
-            first = next(n for n in nodes.values() if n["tree_id"] == tree_id)
-            raise DataError(f"{first['where']}: OpenAssistant tree {tree_id} has no root message (one without "
-                            "'parent_id'): its rows lack 'parent_id' or the parent links form a loop")
+        if root is None:  # every row of the tree goes (only with skip: otherwise the first one is raised)
+            for n in (n for n in nodes.values() if n["tree_id"] == tree_id and n["id"] not in left_out):
+                left_out[n["id"]] = _bad(DataError(
+                    f"{n['where']}: OpenAssistant tree {tree_id} has no root message (one without 'parent_id'): its "
+                    "rows lack 'parent_id' or the parent links form a loop"), n["where"], "invalid_oasst", skip)
+    todo = [(r, n) for n in nodes.values() if n["id"] in left_out for r in n["replies"]]
+    while todo:  # the replies of a message left out go with it
+        r, parent = todo.pop()
+        if r["id"] not in left_out:
+            leave_out(r, f" replies to {parent['id']}, which was left out")
+            todo.extend((rr, r) for rr in r["replies"])
     for n in nodes.values():
         n["replies"] = _rank_order(n["replies"])
-    return list(roots.values())
+    return [r for r in roots.values() if r is not None], list(left_out.values())
 
 
 def _rank_order(replies: list[dict]) -> list[dict]:
     return sorted(replies, key=lambda r: (r["rank"] is None, r["rank"] or 0))  # stable: ties keep file order
 
 
-def oasst_dialogs(root: dict, top_k: int = 0, langs: Sequence[str] | None = None) -> Iterator[dict]:
-    """The dialogs of one tree (see the rules above), depth first."""
+def oasst_dialogs(root: dict, top_k: int = 0, langs: Sequence[str] | None = None, template: str | None = None,
+                  skip: bool = False) -> Iterator[dict]:
+    """The dialogs of one tree (see the rules above), depth first; `template` and `skip` as in read_dialogs (a
+    thread that breaks the rules is a bad row of its last message)."""
     exported = root["tree_state"] in (None, "ready_for_export") and root["review_result"]
     if not exported or (langs and root["lang"] not in langs):  # langs None or empty: every language
         return
     if root["role"] != "prompter":
-        raise DataError(f"{root['where']}: OpenAssistant tree {root['tree_id']} starts with an {root['role']} "
-                        "message; expected a prompter message")
-    stack = [[root]]  # threads whose last message is not yet a leaf
-    while stack:
-        thread = stack.pop()
-        last = thread[-1]
-        if last["replies"]:
-            stack.extend(thread + [r] for r in reversed(last["replies"]))
+        yield _bad(DataError(f"{root['where']}: OpenAssistant tree {root['tree_id']} starts with an {root['role']} "
+                             "message; expected a prompter message"), root["where"], "invalid_oasst", skip)
+        return
+    path, todo = [], [(root, 0)]  # the thread from the root to the message visited; messages to visit, their depth
+    while todo:
+        m, depth = todo.pop()
+        del path[depth:]
+        path.append(m)
+        if m["replies"]:
+            todo.extend((r, depth + 1) for r in reversed(m["replies"]))
             continue
-        if len(thread) < 2 or not _keep_thread(thread, top_k):
+        if len(path) < 2 or not _keep_thread(path, top_k):
             continue
-        if last["role"] == "prompter":
-            thread = thread[:-1]
-        for i, m in enumerate(thread):
-            if m["role"] != ("prompter", "assistant")[i % 2]:
-                raise DataError(f"{m['where']}: OpenAssistant message {m['id']} is a {m['role']} message replying "
-                                f"to a {thread[i - 1]['role']} message; roles must alternate")
-        msgs = [{"role": OASST_ROLES[m["role"]], "content": m["text"]} for m in thread]
+        thread = path[:-1] if m["role"] == "prompter" else list(path)
         where = f"{thread[-1]['where']} (message {thread[-1]['id']})"
-        check_dialog(msgs, where)
+        try:
+            for i, t in enumerate(thread):
+                if t["role"] != ("prompter", "assistant")[i % 2]:
+                    raise DataError(f"{t['where']}: OpenAssistant message {t['id']} is a {t['role']} message "
+                                    f"replying to a {thread[i - 1]['role']} message; roles must alternate")
+            msgs = [{"role": OASST_ROLES[t["role"]], "content": t["text"]} for t in thread]
+            check_dialog(msgs, where, template)
+        except DataError as e:
+            yield _bad(e, thread[-1]["where"], "invalid_oasst", skip)
+            continue
         yield {"where": where, "group": root["tree_id"], "messages": msgs}
 
 

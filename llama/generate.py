@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 from .chat import TEMPLATES, encode_chat, required_special_tokens, stop_ids as template_stop_ids
+from .checkpoint import find_tokenizer, load_model, resolve_checkpoint, weights_size
+from .model import resize_embeddings
 from .tokenizer import Tokenizer
 
 
@@ -36,20 +38,20 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """[B, V] logits -> [B] token ids."""
+def sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """[B, V] logits -> [B] token ids (drawn with torch's global random generator)."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         probs = top_p_filter(probs, top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(probs, 1).squeeze(-1)
 
 
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              stop_ids: Iterable[int] = (), on_token: Callable[[int, int], None] | None = None,
-             vocab_size: int | None = None, generator: torch.Generator | None = None) -> list[list[int]]:
+             vocab_size: int | None = None) -> list[list[int]]:
     """Continue each prompt; returns the new tokens of each, without the stop token that ended it.
 
     `on_token(batch_index, token_id)` is called for every new token as it is sampled (not for stop tokens).
@@ -82,7 +84,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
             logits = model.output(h[:, -1])  # [B, V]: only the last position is needed
             if vocab_size is not None:
                 logits[:, vocab_size:] = float("-inf")
-            nxt = torch.where(tokens[:, cur] >= 0, tokens[:, cur], sample(logits, temperature, top_p, generator))
+            nxt = torch.where(tokens[:, cur] >= 0, tokens[:, cur], sample(logits, temperature, top_p))
             tokens[:, cur] = nxt
             prev = cur
             for b, t in enumerate(nxt.tolist()):  # one host sync per step
@@ -102,9 +104,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
 class TextStream:
     """An `on_token` callback that writes one sequence's text as it grows; `finish()` writes what is left."""
 
-    def __init__(self, tokenizer: Tokenizer, write: Callable[[str], object] | None = None):
+    def __init__(self, tokenizer: Tokenizer):
         self.tokenizer, self.ids, self.shown = tokenizer, [], ""
-        self.write = write or (lambda s: print(s, end="", flush=True))
 
     def __call__(self, batch_index: int, token: int) -> None:
         self.ids.append(token)
@@ -114,7 +115,7 @@ class TextStream:
 
     def _show(self, text: str) -> None:
         if len(text) > len(self.shown):
-            self.write(text[len(self.shown):])
+            print(text[len(self.shown):], end="", flush=True)
         self.shown = text
 
     def finish(self) -> str:
@@ -181,20 +182,20 @@ def resolve_device_dtype(device: str, dtype: str, ckpt: str | Path) -> tuple[tor
     """--device and --dtype, "auto" resolved: the GPU when there is one; bf16 on CUDA, on CPU fp32 (exact, and fast
     for small models) up to checkpoints of 2 GiB, then bf16 (in fp32, 7B's embeddings, head and activations
     would double)."""
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
     if dtype == "auto":
-        from .checkpoint import weights_size
         dtype = "bf16" if dev.type == "cuda" or weights_size(ckpt) > 2 * 2**30 else "fp32"
     return dev, DTYPES[dtype]
 
 
 def load_chat_model(ckpt: str | Path, template: str, device: torch.device, dtype: torch.dtype,
-                    tokenizer_dir: str | Path | None = None, hook=None, progress=None) -> tuple[torch.nn.Module, Tokenizer]:
+                    tokenizer_dir: str | Path | None = None, hook=None,
+                    progress=None) -> tuple[torch.nn.Module, Tokenizer]:
     """(model, tokenizer) for chatting in `template`. The tokenizer is the one in `tokenizer_dir` (an adapter's,
     with the tokens its run added) or the checkpoint's; the embeddings grow to it. ValueError when the template
     needs special tokens the tokenizer lacks. `hook` and `progress` go to load_model (train.py quantizes)."""
-    from .checkpoint import find_tokenizer, load_model
-    from .model import resize_embeddings
     tok_path = find_tokenizer(tokenizer_dir or ckpt)
     if tok_path is None:
         raise ValueError(f"no tokenizer.model in {ckpt} or its parent folder")
@@ -209,11 +210,9 @@ def load_chat_model(ckpt: str | Path, template: str, device: torch.device, dtype
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import resolve_checkpoint
-
     p = argparse.ArgumentParser(prog="python -m llama.generate", description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", required=True, help="Meta or Hugging Face checkpoint folder (tokenizer.model in it or its parent), "
-                   "or a repo id already in the Hugging Face hub cache (meta-llama/Llama-2-7b-chat-hf)")
+    p.add_argument("--ckpt", required=True, help="Meta or Hugging Face checkpoint folder (tokenizer.model in it or "
+                   "its parent), or a repo id already in the Hugging Face hub cache (meta-llama/Llama-2-7b-chat-hf)")
     p.add_argument("--template", default="llama2", choices=TEMPLATES)
     p.add_argument("--prompt", help="answer this one message and exit; without it, chat interactively")
     p.add_argument("--system", help="system prompt")

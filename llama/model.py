@@ -4,8 +4,8 @@ The math follows Meta's reference (meta-llama/llama `llama/model.py`) and its pa
 Meta state dict loads with no renaming:
 
     h   = tok_embeddings[tokens]
-    h   = h + wo · Attention(RoPE(wq · RMSNorm(h)), RoPE(wk · RMSNorm(h)), wv · RMSNorm(h))   (per layer,
-    h   = h + w2 · (silu(w1 · RMSNorm(h)) * (w3 · RMSNorm(h)))                                 attention_norm / ffn_norm)
+    h   = h + wo · Attention(RoPE(wq · RMSNorm(h)), RoPE(wk · RMSNorm(h)), wv · RMSNorm(h))  (per layer,
+    h   = h + w2 · (silu(w1 · RMSNorm(h)) * (w3 · RMSNorm(h)))                              attention_norm / ffn_norm)
     out = output · RMSNorm(h)
 
 - RMSNorm(x) = x / sqrt(mean(x²) + eps) * weight, computed in fp32 and cast back (Zhang & Sennrich 2019).
@@ -18,22 +18,26 @@ Meta state dict loads with no renaming:
 - GQA (Ainslie et al. 2023): n_kv_heads <= n_heads; each K/V head serves n_heads // n_kv_heads query heads.
 - SwiGLU (Shazeer 2020) with Meta's hidden size: 2/3 * 4 * dim, times ffn_dim_multiplier, rounded up to
   multiple_of (7B: 11008, 13B: 13824, 70B: 28672).
-- Memory: RMSNorm and the SwiGLU product are small autograd Functions that keep only their inputs for
-  backward (plain autograd would also keep an fp32 copy of x, the normalised output and silu(a)); same
-  forward arithmetic.
+- RMSNorm and the SwiGLU product run as small autograd Functions with their backward passes written out
+  (`llama/ops.py`, as is the output head's chunked cross-entropy): the same forward arithmetic, less kept for
+  backward.
 
-Three ways to run attention, one `forward`:
+Three ways to run attention, one `forward`, each with its own argument to Attention:
 - plain: causal self-attention over each row (SDPA, `is_causal=True`: flash kernels on CUDA).
 - packed (`doc_ids`): several documents share a row; a token attends only to earlier tokens of its own
   document and RoPE positions restart at 0 where a document starts, so each document sees exactly what it
   would see alone. The mask is causal AND same-doc (block-diagonal). On CUDA it is a flex_attention
-  BlockMask (compiled flex_attention skips the blocks that are fully masked, so short documents cost what
-  they would cost alone, and it never materialises a T x T mask); elsewhere, or without flex_attention,
-  each document is its own causal SDPA call (`attend_spans`, the row split at document boundaries): the
-  same saving, sum of L_i^2 instead of T^2, at the price of one kernel call per document, cheap on CPU.
+  BlockMask (`block_mask`; compiled flex_attention skips the blocks that are fully masked, so short documents
+  cost what they would cost alone, and it never materialises a T x T mask); elsewhere, or without
+  flex_attention, each document is its own causal SDPA call (`spans`, the row split at document boundaries,
+  `attend_spans`): the same saving, sum of L_i^2 instead of T^2, at the price of one kernel call per
+  document, cheap on CPU.
 - cached (`start_pos`): generation with a KV cache (`setup_cache`), Meta's scheme: one start position for
-  the batch, prompts right-padded, prefill (T > 1) then one token at a time (T == 1).
+  the batch, prompts right-padded, prefill (T > 1) then one token at a time (T == 1); a prefill after a
+  cached prefix is causal with an offset (`cache_mask`).
 """
+from __future__ import annotations
+
 import math
 from dataclasses import dataclass
 
@@ -41,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from .ops import head_ce, rms_norm, swiglu
 
 try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -51,6 +57,8 @@ except ImportError:  # pragma: no cover - older torch: SDPA with a boolean mask 
 # an unfused reference implementation, slower than SDPA). Tests set it to True to check the flex mask on CPU.
 USE_FLEX: bool | None = None
 _flex_compiled = None
+
+Spans = list[list[tuple[int, int]]]  # per row of a packed batch, its documents' [start, end) token ranges
 
 
 @dataclass
@@ -71,34 +79,6 @@ class ModelArgs:
             self.n_kv_heads = self.n_heads
 
 
-class _RMSNormFn(torch.autograd.Function):
-    """y = (x * r).type_as(x) * w, r = rsqrt(mean(x^2) + eps) in fp32, Meta's rounding (cast back before the weight).
-
-    Plain autograd would keep the fp32 copy of x and the normalised output for backward (6 bytes per bf16
-    element); this keeps x and r (2 bytes per element + one float per row). With xh = x * r and
-    gn = dL/dy * w, the backward is dL/dx = r * (gn - xh * mean(gn * xh)) and dL/dw = sum over rows of
-    dL/dy * xh."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        xf = x.float()
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1]
-        ctx.save_for_backward(x, weight, r)
-        return (xf * r).type_as(x) * weight
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        x, weight, r = ctx.saved_tensors
-        xh = x.float() * r
-        gx = gw = None
-        if ctx.needs_input_grad[0]:
-            gn = g.float() * weight.float()
-            gx = (r * (gn - xh * (gn * xh).mean(-1, keepdim=True))).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            gw = (g.float() * xh.type_as(x).float()).flatten(0, -2).sum(0).to(weight.dtype)
-        return gx, gw, None
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -106,29 +86,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return _RMSNormFn.apply(x, self.weight, self.eps)
-
-
-class _SwiGLUFn(torch.autograd.Function):
-    """silu(a) * b, keeping only a and b for backward (autograd would also keep silu(a): one [tokens, hidden]
-    tensor per block). The backward recomputes silu(a) for dL/db and takes dL/da from aten's fused
-    silu_backward (g * s * (1 + a * (1 - s)), s = sigmoid(a), in one pass), where written out in tensor ops it
-    would be ten [tokens, hidden] temporaries."""
-
-    @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
-        ctx.save_for_backward(a, b)
-        return F.silu(a).mul_(b)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        a, b = ctx.saved_tensors
-        ga = None
-        if ctx.needs_input_grad[0]:  # written over g * b: one fresh [tokens, hidden] tensor, not two
-            gab = g * b
-            ga = torch.ops.aten.silu_backward.grad_input(gab, a, grad_input=gab)
-        gb = F.silu(a).mul_(g) if ctx.needs_input_grad[1] else None
-        return ga, gb
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[Tensor, Tensor]:
@@ -172,9 +130,16 @@ class Attention(nn.Module):
         self.cache_k: Tensor | None = None  # (B_max, H_kv, S_max, D), set by Transformer.setup_cache
         self.cache_v: Tensor | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask, start_pos: int | None) -> Tensor:
-        """mask: None (causal), a bool [B or 1, 1, T, S] tensor (True = attend), or for packed rows (see
-        `packed_mask`) a list of document spans per row or a flex BlockMask."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, *, spans: Spans | None = None,
+                block_mask: BlockMask | None = None, start_pos: int | None = None,
+                cache_mask: Tensor | None = None) -> Tensor:
+        """Causal self-attention over x [B, T, dim], rotated by cos, sin [B or 1, T, D/2]. The keywords pick
+        the path (none of them: plain causal rows):
+        - spans: packed rows, each document one causal SDPA call (`document_spans`).
+        - block_mask: packed rows, one flex_attention call (`document_block_mask`).
+        - start_pos: generation; K/V of positions start_pos..start_pos+T-1 go into the cache and the queries
+          attend to all cached positions, through cache_mask [1, 1, T, start_pos + T] (True = attend) when a
+          prefill follows a cached prefix."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -194,13 +159,13 @@ class Attention(nn.Module):
             k, v = self.cache_k[:B, :, :end], self.cache_v[:B, :, :end]  # (B, H_kv, S, D)
 
         rep = self.n_heads // self.n_kv_heads  # query heads per K/V head (GQA)
-        if mask is None or isinstance(mask, Tensor):  # causal, or causal from a cached prefix (a bool mask)
+        if spans is not None:  # packed rows as document spans: one SDPA call per document
+            out = attend_spans(q, repeat_kv(k, rep), repeat_kv(v, rep), spans)
+        elif block_mask is not None:  # packed rows as a flex_attention BlockMask (CUDA); flex does GQA itself
+            out = _flex(q, k, v, block_mask)
+        else:  # causal, or causal from a cached prefix (cache_mask)
             k, v = repeat_kv(k, rep), repeat_kv(v, rep)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
-        elif isinstance(mask, list):  # packed rows as document spans: one SDPA call per document
-            out = attend_spans(q, repeat_kv(k, rep), repeat_kv(v, rep), mask)
-        else:  # packed rows as a flex_attention BlockMask (CUDA); flex does GQA itself
-            out = _flex(q, k, v, mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache_mask, is_causal=cache_mask is None and T > 1)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
 
 
@@ -210,9 +175,9 @@ def repeat_kv(x: Tensor, rep: int) -> Tensor:
     return x.repeat_interleave(rep, dim=1) if rep > 1 else x
 
 
-def attend_spans(q: Tensor, k: Tensor, v: Tensor, spans: list[list[tuple[int, int]]]) -> Tensor:
+def attend_spans(q: Tensor, k: Tensor, v: Tensor, spans: Spans) -> Tensor:
     """Causal attention inside each document of packed rows, one SDPA call per document: q, k, v [B, H, T, D],
-    spans[b] the [(start, end), ...] of row b's documents, covering it (`packed_mask`).
+    spans[b] the [(start, end), ...] of row b's documents, covering it (`document_spans`).
 
     Rows and documents are cut with `split`, whose backward is one cat per tensor, not by slicing, whose
     backward fills a zero tensor of q's full size per slice and adds it in. Rows stay 4-d [1, H, T, D]
@@ -225,7 +190,7 @@ def attend_spans(q: Tensor, k: Tensor, v: Tensor, spans: list[list[tuple[int, in
     return torch.cat(rows)  # (B, H, T, D)
 
 
-def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
+def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
     global _flex_compiled
     if q.device.type != "cuda":  # eager reference path (tests on CPU)
         return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
@@ -246,7 +211,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)  # up
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(_SwiGLUFn.apply(self.w1(x), self.w3(x)))
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
 class TransformerBlock(nn.Module):
@@ -258,9 +223,12 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.resid_dropout = 0.0  # LIMA-style residual dropout; train.py sets it per layer
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask, start_pos: int | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, *, spans: Spans | None = None,
+                block_mask: BlockMask | None = None, start_pos: int | None = None,
+                cache_mask: Tensor | None = None) -> Tensor:
         p = self.resid_dropout if self.training else 0.0
-        a = self.attention(self.attention_norm(x), cos, sin, mask, start_pos)
+        a = self.attention(self.attention_norm(x), cos, sin, spans=spans, block_mask=block_mask, start_pos=start_pos,
+                           cache_mask=cache_mask)
         h = x + (F.dropout(a, p) if p > 0 else a)
         f = self.feed_forward(self.ffn_norm(h))
         return h + (F.dropout(f, p) if p > 0 else f)
@@ -330,43 +298,47 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence reaches position {end}, beyond max_seq_len {self.args.max_seq_len}")
         h = self.tok_embeddings(tokens)  # (B, T, dim)
 
-        mask = None  # plain causal
+        spans = block_mask = cache_mask = None  # plain causal
         if doc_ids is not None:
             if doc_ids.shape != tokens.shape:
                 raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} != tokens shape {tuple(tokens.shape)}")
             pos = doc_positions(doc_ids)  # (B, T)
             cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (B, T, D/2)
-            mask = packed_mask(doc_ids)
+            if _use_flex(doc_ids.device):
+                block_mask = document_block_mask(doc_ids)
+            else:
+                spans = document_spans(doc_ids)
         else:
             s = 0 if start_pos is None else start_pos
             cos, sin = self.rope_cos[None, s:end], self.rope_sin[None, s:end]  # (1, T, D/2)
             if start_pos and T > 1:  # prefill after a cached prefix: causal with an offset (at 0, is_causal does)
                 i = torch.arange(T, device=tokens.device)[:, None] + start_pos
-                mask = (torch.arange(end, device=tokens.device)[None, :] <= i)[None, None]  # (1, 1, T, end)
+                cache_mask = (torch.arange(end, device=tokens.device)[None, :] <= i)[None, None]  # (1, 1, T, end)
 
         for layer in self.layers:
             if self.grad_checkpointing and self.training and start_pos is None:
-                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, spans=spans, block_mask=block_mask, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, mask, start_pos)
+                h = layer(h, cos, sin, spans=spans, block_mask=block_mask, start_pos=start_pos, cache_mask=cache_mask)
         h = self.norm(h)
         if labels is not None:
             return head_ce(h.flatten(0, 1), self.output.weight, labels.flatten())
         return h if return_hidden else self.output(h)
 
 
-def packed_mask(doc_ids: Tensor):
-    """Causal AND same-document attention for packed rows: a flex BlockMask on CUDA, else each row's
-    document spans [(start, end), ...] (list of B lists). Each document is one contiguous run of its id;
-    give every document in a row its own id (padding may share one id: it then only attends to padding)."""
-    B, T = doc_ids.shape
-    use_flex = USE_FLEX if USE_FLEX is not None else doc_ids.device.type == "cuda"
-    if use_flex and create_block_mask is not None:
-        def same_doc_causal(b, h, q, kv):
-            return (q >= kv) & (doc_ids[b, q] == doc_ids[b, kv])
-        # compiled on CUDA so the [B, T, T] mask is never materialised, only its 128 x 128 block summary
-        return create_block_mask(same_doc_causal, B, None, T, T, device=doc_ids.device,
-                                 _compile=doc_ids.device.type == "cuda")
+# Packed rows: causal AND same-document attention. Each document is one contiguous run of its id in doc_ids
+# [B, T]; give every document in a row its own id (padding may share one id: it then only attends to padding).
+
+
+def _use_flex(device: torch.device) -> bool:
+    """Packed rows take flex_attention: by default on CUDA (USE_FLEX overrides), where torch has it."""
+    use = USE_FLEX if USE_FLEX is not None else device.type == "cuda"
+    return use and create_block_mask is not None
+
+
+def document_spans(doc_ids: Tensor) -> Spans:
+    """Each row's documents as [(start, end), ...], for `attend_spans`."""
+    T = doc_ids.shape[1]
     change = (doc_ids[:, 1:] != doc_ids[:, :-1]).cpu()  # (B, T-1): True where a new document starts
     spans = []
     for row in change:
@@ -375,56 +347,15 @@ def packed_mask(doc_ids: Tensor):
     return spans
 
 
-# ---------------------------------------------------------------------------------------------
-# Loss: only the trained tokens reach the head, and cross-entropy's gradient is taken in the forward pass,
-# one chunk of logits at a time, so the fp32 [tokens, vocab] logits never exist at once and are never recomputed.
+def document_block_mask(doc_ids: Tensor) -> BlockMask:
+    """The mask as a flex_attention BlockMask: compiled on CUDA, so the [B, T, T] mask is never
+    materialised, only its 128 x 128 block summary."""
+    B, T = doc_ids.shape
 
-
-class _HeadCE(torch.autograd.Function):
-    """sum_i CE(h_i @ W.T, y_i) over rows h [n, dim] with labels y [n] (no ignored labels here).
-
-    Cross-entropy is the graph's last op, so its gradient is known before backward starts:
-    dL/dlogits = softmax(logits) - onehot(y). Computing it per chunk in the forward gives
-    dL/dh = (p - onehot) @ W  [n, dim] and dL/dW = (p - onehot).T @ h  [V, dim] (when W trains) with
-    one logits matmul per chunk; a checkpointed loss would compute the logits twice. backward only
-    scales the stored gradients by the incoming one (1 / trained tokens)."""
-
-    @staticmethod
-    def forward(ctx, h, weight, labels, chunk: int, need_h: bool, need_w: bool):
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        gh = torch.empty_like(h) if need_h else None  # [n, dim]
-        gw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None  # [V, dim]
-        for s in range(0, h.shape[0], chunk):
-            hc, y = h[s: s + chunk], labels[s: s + chunk]
-            logits = (hc @ weight.T).float()  # [c, V]; under autocast the matmul runs in the autocast dtype
-            logp = torch.log_softmax(logits, dim=-1)  # one fused pass
-            del logits
-            total -= logp.gather(1, y[:, None]).sum()
-            if need_h or need_w:
-                p = logp.exp_()  # softmax, in place
-                p[torch.arange(len(y), device=y.device), y] -= 1  # - onehot(y)
-                p = p.to(hc.dtype)
-                if need_h:
-                    gh[s: s + chunk] = p @ weight
-                if need_w:
-                    gw += (p.T @ hc).float()
-        ctx.save_for_backward(gh, gw)
-        ctx.w_dtype = weight.dtype
-        return total
-
-    @staticmethod
-    def backward(ctx, g):
-        gh, gw = ctx.saved_tensors
-        return (gh * g.to(gh.dtype) if gh is not None else None,
-                (gw * g).to(ctx.w_dtype) if gw is not None else None, None, None, None, None)
-
-
-def head_ce(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """Sum over rows of h [N, dim] of the cross-entropy of h @ weight.T against labels [N] (-100: ignored)."""
-    keep = labels != -100
-    h, labels = h[keep], labels[keep]  # the head only sees trained tokens: prompts and padding cost nothing
-    grad = torch.is_grad_enabled()
-    return _HeadCE.apply(h, weight, labels, chunk, grad and h.requires_grad, grad and weight.requires_grad)
+    def same_doc_causal(b, h, q, kv):
+        return (q >= kv) & (doc_ids[b, q] == doc_ids[b, kv])
+    return create_block_mask(same_doc_causal, B, None, T, T, device=doc_ids.device,
+                             _compile=doc_ids.device.type == "cuda")
 
 
 @torch.no_grad()

@@ -10,14 +10,7 @@ the pieces in between with SentencePiece (each piece gets its own dummy prefix, 
 Llama tokenizer does); `decode` renders them as their text. They are stored the way Hugging Face stores
 them, as `added_tokens.json` ({token: id}) beside `tokenizer.model`, and read back from there. The model's
 embedding and output matrices must grow to `n_words` rows (`llama.model.resize_embeddings`): that is the
-caller's job.
-
-`hf_tokenizer_json` writes the same tokenizer in the `tokenizers` library's format (`tokenizer.json`), so that
-Hugging Face tooling loads an exported folder without converting `tokenizer.model` itself (transformers 5
-needs protobuf for that). SentencePiece BPE and `tokenizers` BPE agree when the merges are ranked by the score
-of the piece they make, which is how SentencePiece picks the next merge; the normalizer (dummy-prefix space,
-spaces as "▁", and extra spaces removed when the model does that) is restated as `tokenizers` normalizers,
-which run on each piece of text between special tokens, as `encode` does.
+caller's job. Writing the tokenizer in Hugging Face's formats is `llama.export`'s.
 """
 import json
 import re
@@ -26,12 +19,12 @@ from pathlib import Path
 from sentencepiece import SentencePieceProcessor
 
 ADDED_TOKENS_FILE = "added_tokens.json"
-SPACE = "\u2581"  # "▁": SentencePiece's stand-in for a space
 
 
 class Tokenizer:
     def __init__(self, path: str | Path):
-        """`path` is a `tokenizer.model` file (or a folder holding one); an `added_tokens.json` beside it is read too."""
+        """`path` is a `tokenizer.model` file (or a folder holding one); an `added_tokens.json` beside it is read
+        too."""
         path = Path(path)
         path = path / "tokenizer.model" if path.is_dir() else path
         if not path.is_file():
@@ -135,92 +128,3 @@ class Tokenizer:
             added.write_text(json.dumps(ordered, indent=2, ensure_ascii=False) + "\n")
         elif added.exists():  # a stale file would give the saved tokenizer tokens this one does not have
             added.unlink()
-
-
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = buf[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return value, i
-
-
-def _proto_fields(buf: bytes) -> list[tuple[int, int | bytes]]:
-    """The top-level fields of a protobuf message, in order, as (field number, value).
-
-    Enough of the wire format to read a SentencePiece model's settings and piece types with no protobuf
-    dependency."""
-    out = []
-    i = 0
-    while i < len(buf):
-        key, i = _varint(buf, i)
-        wire = key & 7
-        if wire == 0:
-            value, i = _varint(buf, i)
-        elif wire == 2:
-            n, i = _varint(buf, i)
-            value, i = buf[i:i + n], i + n
-        elif wire in (1, 5):
-            n = 8 if wire == 1 else 4
-            value, i = buf[i:i + n], i + n
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        out.append((key >> 3, value))
-    return out
-
-
-def hf_tokenizer_json(tok: Tokenizer) -> dict | None:
-    """`tok` as a `tokenizers` tokenizer.json (BOS added to plain text, as Llama 2's Hugging Face export does),
-    or None when its SentencePiece model is not the kind this restates exactly: BPE with byte fallback, the
-    "identity" normalizer, a dummy prefix and no user-defined pieces (Llama 2's is one)."""
-    sp = tok.sp
-    model = _proto_fields(sp.serialized_model_proto())
-    # ModelProto: 1 pieces (each: 3 type: 1 normal (the default), 2 unknown, 3 control, 4 user-defined, 5 unused,
-    # 6 byte), 2 TrainerSpec (3 model_type, 2 = BPE; 35 byte_fallback), 3 NormalizerSpec (1 name,
-    # 3 add_dummy_prefix, 4 remove_extra_whitespaces, 5 escape_whitespaces; all three default on)
-    trainer = dict(_proto_fields(next((v for f, v in model if f == 2), b"")))
-    norm = dict(_proto_fields(next((v for f, v in model if f == 3), b"")))
-    types = [dict(_proto_fields(v)).get(3, 1) for f, v in model if f == 1]
-    if (trainer.get(3) != 2 or trainer.get(35) != 1 or norm.get(1, b"") != b"identity" or norm.get(3, 1) != 1
-            or norm.get(5, 1) != 1 or 4 in types):
-        return None
-    pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
-    mergeable = {p: i for i, (t, p) in enumerate(zip(types, pieces)) if t == 1}
-    ranked = []
-    for piece, i in mergeable.items():
-        for k in range(1, len(piece)):
-            left, right = piece[:k], piece[k:]
-            if left in mergeable and right in mergeable:
-                ranked.append((-sp.get_score(i), i, mergeable[left], mergeable[right], left, right))
-    ranked.sort()
-    normalizers = [{"type": "Prepend", "prepend": SPACE},
-                   {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}]
-    if norm.get(4, 1):  # remove_extra_whitespaces: no leading or trailing spaces, runs of spaces collapse to one
-        normalizers = [{"type": "Replace", "pattern": {"Regex": "\\A +| +\\z"}, "content": ""},
-                       {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}] + normalizers
-    special = {i: p for i, (t, p) in enumerate(zip(types, pieces)) if t in (2, 3)}  # unknown and control
-    special.update({i: t for t, i in tok.special_tokens.items()})
-    bos = pieces[tok.bos_id]
-    return {
-        "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True} for i, t in sorted(special.items())],
-        "normalizer": {"type": "Sequence", "normalizers": normalizers},
-        "pre_tokenizer": None,
-        "post_processor": {
-            "type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {bos: {"id": bos, "ids": [tok.bos_id], "tokens": [bos]}},
-        },
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": SPACE}, "content": " "}, {"type": "ByteFallback"},
-            {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
-        "model": {"type": "BPE", "dropout": None, "unk_token": pieces[sp.unk_id()], "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
-                  "vocab": {p: i for i, p in enumerate(pieces)}, "merges": [[r[4], r[5]] for r in ranked]},
-    }

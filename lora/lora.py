@@ -10,18 +10,6 @@ B = 0 makes a fresh adapter an exact no-op. The base is an `nn.Linear` or any mo
 `in_features`, `out_features` and `dequantize() -> [out, in]` (e.g. `quant.NF4Linear`, QLoRA:
 arXiv:2305.14314); lora/ never imports quant.
 
-Backward, for g = dL/dy [N, out], m the 0/1 dropout mask, c = s / (1 - p), xd = x * m:
-
-    dL/dB = c * g.T @ (xd @ A.T)         [out, r]    (xd @ A.T = h [N, r] is saved from the forward)
-    dL/dA = c * (g @ B).T @ xd           [r, in]
-    dL/dx = base's input-grad + c * ((g @ B) @ A) * m
-
-`_LoRAFunction` does this by hand so that the adapter keeps only x (which q, k and v share) and h:
-the mask is drawn again in the backward from a per-call seed instead of being stored, the dropped
-copy of x is recomputed, and the LoRA term is added into the base output in place (one addmm, no
-[N, out] temporaries). The base runs under its own autograd; a frozen NF4 base keeps only its
-packed weight, never a dequantized copy. benchmarks/bench_lora.py measures the saved bytes.
-
 Adapter weights are fp32 whatever the base dtype: Adam's small updates vanish in bf16's 8-bit
 mantissa, and A and B are small (r * (in + out) values). Each call casts them to the base output's
 dtype (bf16 under autocast or with a bf16 base) so both matmuls run at the base's precision.
@@ -41,110 +29,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llama.checkpoint import hf_to_meta_key, meta_to_hf_key, permute_for_hf, rotary_heads, unpermute_from_hf
+from lora.dropout import drop_, drop_codes, drop_plan, dropped
 
 PREFIX = "base_model.model."  # PEFT's prefix before the transformers module name
-
-
-def _drop_codes(p: float) -> int:
-    return round(p * 2**16)  # dropout drops with probability _drop_codes(p) / 2^16 (p to 1e-5) on every device
-
-
-def _drop_plan(n: int, p: float, seed: int, device: torch.device, dtype: torch.dtype, gaps: bool | None = None):
-    """Which of n elements dropout zeroes: a 0/1 keep mask in `dtype`, or on CPU (gaps=True) the dropped
-    positions (int64, ascending; `_drop_positions`). Each element drops independently with probability
-    q = _drop_codes(p) / 2^16, and the same seed gives the same plan, so the backward draws it again instead
-    of storing it."""
-    gaps = device.type == "cpu" if gaps is None else gaps
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    if not gaps:  # compare 16 random bits per element with a threshold (one int64 draw feeds four elements)
-        # random_(-2**63, None): all 64 bits of each draw; randint(-2**63, 2**63 - 1) reduces modulo 2^64 - 1
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None, generator=gen)
-        keep = torch.empty(n, dtype=dtype, device=device)  # in dtype: applied by a multiply, cheaper than where()
-        return torch.ge(bits.view(torch.int16)[:n], -2**15 + _drop_codes(p), out=keep)
-    return _drop_positions(n, _drop_codes(p) / 2**16, gen)
-
-
-def _drop_positions(n: int, q: float, gen: torch.Generator) -> torch.Tensor:
-    """The CPU trick: draw only the ~q*n dropped positions, not n random numbers (torch's CPU generator is serial).
-
-    The gaps between drops in independent Bernoulli(q) trials are Geometric(q), floor(log(U) / log(1 - q))
-    for U uniform on (0, 1], and their running sum is the positions; zeroing then touches ~q*n elements.
-    Not for CUDA: its generator is parallel, and this loop would sync with the host on every call."""
-    if q == 0:
-        return torch.empty(0, dtype=torch.int64, device=gen.device)
-    mean = n * q
-    k = int(mean + 6 * math.sqrt(mean) + 64)  # gaps enough to pass n all but ~1e-9 of the time; else more
-    parts, last = [], -1
-    while last < n - 1:
-        u = torch.rand(k, generator=gen, device=gen.device, dtype=torch.float64)  # [0, 1): 1 - u is in (0, 1]
-        pos = torch.log1p(-u).div_(math.log1p(-q)).floor_().to(torch.int64).add_(1).cumsum_(0).add_(last)
-        parts.append(pos)
-        last = int(pos[-1])
-    pos = torch.cat(parts) if len(parts) > 1 else parts[0]
-    return pos[:int(torch.searchsorted(pos, n))]
-
-
-def _drop_(t: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
-    """Zero t's dropped elements in place (t contiguous, plan = _drop_plan(t.numel(), ...))."""
-    flat = t.view(-1)
-    if plan.is_floating_point():  # a 0/1 keep mask
-        flat.mul_(plan)
-    else:  # dropped positions (CPU)
-        flat.index_fill_(0, plan, 0)
-    return t
-
-
-def _dropped(t: torch.Tensor, dtype: torch.dtype, plan: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of t in dtype with the planned elements zeroed (one pass, then the zeros)."""
-    return _drop_(t.to(dtype, copy=True, memory_format=torch.contiguous_format), plan)
-
-
-class _LoRAFunction(torch.autograd.Function):
-    """out += c * (x * m) @ A.T @ B.T in place; out = base(x) comes from the base's own autograd."""
-
-    @staticmethod
-    def forward(ctx, x, out, A, B, c: float, p: float, seed: int):
-        with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit: out's dtype
-            dt = out.dtype
-            x2 = x.reshape(-1, x.shape[-1])  # [N, in]
-            if p > 0:  # a dropped copy of x; x itself is saved
-                x2 = _dropped(x2, dt, _drop_plan(x2.numel(), p, seed, x.device, dt))
-            else:
-                x2 = x2.to(dt)
-            h = x2 @ A.to(dt).T  # [N, r]
-            if out._is_view():  # autograd cannot rebase an in-place custom op on a view: out of place
-                y = torch.addmm(out.reshape(-1, out.shape[-1]), h, B.to(dt).T, alpha=c).view(out.shape)
-            else:  # the GEMM adds into base(x): no [N, out] temporaries
-                y = out
-                out.view(-1, out.shape[-1]).addmm_(h, B.to(dt).T, alpha=c)  # [N, out]
-                ctx.mark_dirty(out)
-        ctx.save_for_backward(x, h, A, B)  # x is not copied; q, k, v save the same tensor
-        ctx.c, ctx.p, ctx.seed = c, p, seed
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        x, h, A, B = ctx.saved_tensors
-        c, p = ctx.c, ctx.p
-        gx = gA = gB = None
-        with torch.autocast(g.device.type, enabled=False):
-            dt = h.dtype
-            g2 = g.reshape(-1, g.shape[-1]).to(dt)  # [N, out]
-            gh = (g2 @ B.to(dt)).mul_(c)  # [N, r]
-            plan = _drop_plan(x.numel(), p, ctx.seed, x.device, dt) if p > 0 else None
-            if ctx.needs_input_grad[2]:
-                x2 = x.reshape(-1, x.shape[-1])
-                x2 = _dropped(x2, dt, plan) if p > 0 else x2.to(dt)
-                gA = (gh.T @ x2).to(A.dtype)  # [r, in]
-            if ctx.needs_input_grad[3]:
-                gB = (g2.T @ h).mul_(c).to(B.dtype)  # [out, r]
-            if ctx.needs_input_grad[0]:
-                gx = gh @ A.to(dt)  # [N, in]
-                if p > 0:
-                    _drop_(gx, plan)
-                gx = gx.to(x.dtype).view(x.shape)
-        return gx, g, gA, gB, None, None, None
 
 
 class LoRALinear(nn.Module):
@@ -173,7 +60,7 @@ class LoRALinear(nn.Module):
             return out
         p = self.dropout if self.training else 0.0
         seed = int(torch.randint(0, 2**62, ())) if p > 0 else 0  # from torch's global RNG: manual_seed fixes it
-        c = self.scale / (1 - _drop_codes(p) / 2**16)  # inverted dropout's 1/(1-p) folded into the scale
+        c = self.scale / (1 - drop_codes(p) / 2**16)  # inverted dropout's 1/(1-p) folded into the scale
         return _LoRAFunction.apply(x, out.contiguous(), self.lora_A, self.lora_B, c, p, seed)
 
     def delta_weight(self) -> torch.Tensor:
@@ -215,6 +102,65 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, dropout={self.dropout}, merged={self.merged}"
+
+
+class _LoRAFunction(torch.autograd.Function):
+    """out += c * (x * m) @ A.T @ B.T in place; out = base(x) comes from the base's own autograd.
+
+    Backward, for g = dL/dy [N, out], m the 0/1 dropout mask, c = s / (1 - p), xd = x * m:
+
+        dL/dB = c * g.T @ (xd @ A.T)         [out, r]    (xd @ A.T = h [N, r] is saved from the forward)
+        dL/dA = c * (g @ B).T @ xd           [r, in]
+        dL/dx = base's input-grad + c * ((g @ B) @ A) * m
+
+    Written by hand so that the adapter keeps only x (which q, k and v share) and h: the mask is drawn
+    again in the backward from a per-call seed instead of being stored (lora/dropout.py), the dropped
+    copy of x is recomputed, and the LoRA term is added into the base output in place (one addmm, no
+    [N, out] temporaries). The base runs under its own autograd; a frozen NF4 base keeps only its
+    packed weight, never a dequantized copy. benchmarks/bench_lora.py measures the saved bytes."""
+
+    @staticmethod
+    def forward(ctx, x, out, A, B, c: float, p: float, seed: int):
+        with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit: out's dtype
+            dt = out.dtype
+            x2 = x.reshape(-1, x.shape[-1])  # [N, in]
+            if p > 0:  # a dropped copy of x; x itself is saved
+                x2 = dropped(x2, dt, drop_plan(x2.numel(), p, seed, x.device, dt))
+            else:
+                x2 = x2.to(dt)
+            h = x2 @ A.to(dt).T  # [N, r]
+            if out._is_view():  # autograd cannot rebase an in-place custom op on a view: out of place
+                y = torch.addmm(out.reshape(-1, out.shape[-1]), h, B.to(dt).T, alpha=c).view(out.shape)
+            else:  # the GEMM adds into base(x): no [N, out] temporaries
+                y = out
+                out.view(-1, out.shape[-1]).addmm_(h, B.to(dt).T, alpha=c)  # [N, out]
+                ctx.mark_dirty(out)
+        ctx.save_for_backward(x, h, A, B)  # x is not copied; q, k, v save the same tensor
+        ctx.c, ctx.p, ctx.seed = c, p, seed
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, h, A, B = ctx.saved_tensors
+        c, p = ctx.c, ctx.p
+        gx = gA = gB = None
+        with torch.autocast(g.device.type, enabled=False):
+            dt = h.dtype
+            g2 = g.reshape(-1, g.shape[-1]).to(dt)  # [N, out]
+            gh = (g2 @ B.to(dt)).mul_(c)  # [N, r]
+            plan = drop_plan(x.numel(), p, ctx.seed, x.device, dt) if p > 0 else None
+            if ctx.needs_input_grad[2]:
+                x2 = x.reshape(-1, x.shape[-1])
+                x2 = dropped(x2, dt, plan) if p > 0 else x2.to(dt)
+                gA = (gh.T @ x2).to(A.dtype)  # [r, in]
+            if ctx.needs_input_grad[3]:
+                gB = (g2.T @ h).mul_(c).to(B.dtype)  # [out, r]
+            if ctx.needs_input_grad[0]:
+                gx = gh @ A.to(dt)  # [N, in]
+                if p > 0:
+                    drop_(gx, plan)
+                gx = gx.to(x.dtype).view(x.shape)
+        return gx, g, gA, gB, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,6 +270,36 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     A model without LoRA gets it from adapter_config.json first; a model with LoRA must match it
     (r, alpha, rslora, targets). Every adapter weight must be present with the right shape."""
     path = Path(path)
+    pc = _read_adapter_config(path)
+    w_file = path / "adapter_model.safetensors"
+    lora, full = _read_adapter_weights(w_file)
+    targets = tuple(sorted({n.rsplit(".", 1)[-1] for n in lora}))
+    alpha, rslora = pc["lora_alpha"], bool(pc.get("use_rslora", False))
+    if getattr(model, "lora_config", None) is None:
+        apply_lora(model, r=pc["r"], alpha=alpha, dropout=pc.get("lora_dropout", 0.0), targets=targets,
+                   rslora=rslora, modules_to_save=tuple(sorted({n.rsplit(".", 1)[0] for n in full})))
+    else:
+        have = model.lora_config
+        mine = (have["r"], have["alpha"], have["rslora"], tuple(sorted(have["targets"])))
+        if mine != (pc["r"], alpha, rslora, targets):
+            raise ValueError(f"{path}: adapter has r={pc['r']}, lora_alpha={alpha}, use_rslora={rslora}, targets "
+                             f"{targets}; the model's LoRA has r={mine[0]}, alpha={mine[1]}, rslora={mine[2]}, "
+                             f"targets {mine[3]}")
+    _copy_adapters(model, lora, w_file)
+    for name, t in full.items():
+        try:
+            p = model.get_parameter(name)
+        except AttributeError:
+            raise ValueError(f"{w_file}: the model has no parameter {name!r}") from None
+        if p.shape != t.shape:
+            raise ValueError(f"{w_file}: {name} has shape {tuple(t.shape)}, the model's is {tuple(p.shape)} "
+                             f"(resize the embeddings to the adapter's vocabulary first)")
+        p.copy_(t)
+    return model
+
+
+def _read_adapter_config(path: Path) -> dict:
+    """adapter_config.json of a PEFT LoRA folder, checked for what this loader supports."""
     cfg_file, w_file = path / "adapter_config.json", path / "adapter_model.safetensors"
     for f in (cfg_file, w_file):
         if not f.exists():
@@ -337,8 +313,12 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         unsupported["bias"] = pc["bias"]
     if unsupported:
         raise ValueError(f"{cfg_file}: LoRA options this loader does not support: {unsupported}")
+    return pc
 
-    lora, full = {}, {}  # Meta module -> {"lora_A": A, "lora_B": B};  Meta parameter -> full weight
+
+def _read_adapter_weights(w_file: Path) -> tuple[dict, dict]:
+    """(Meta module -> {"lora_A": A, "lora_B": B}, Meta parameter -> full weight of a modules_to_save)."""
+    lora, full = {}, {}
     for key, t in load_file(str(w_file)).items():
         if not key.startswith(PREFIX):
             raise ValueError(f"{w_file}: key {key!r} does not start with {PREFIX!r}")
@@ -351,20 +331,11 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
             lora.setdefault(module, {})[which] = t
         else:  # a modules_to_save weight, e.g. tok_embeddings.weight
             full[name] = t
+    return lora, full
 
-    targets = tuple(sorted({n.rsplit(".", 1)[-1] for n in lora}))
-    alpha, rslora = pc["lora_alpha"], bool(pc.get("use_rslora", False))
-    if getattr(model, "lora_config", None) is None:
-        apply_lora(model, r=pc["r"], alpha=alpha, dropout=pc.get("lora_dropout", 0.0), targets=targets,
-                   rslora=rslora, modules_to_save=tuple(sorted({n.rsplit(".", 1)[0] for n in full})))
-    else:
-        have = model.lora_config
-        mine = (have["r"], have["alpha"], have["rslora"], tuple(sorted(have["targets"])))
-        if mine != (pc["r"], alpha, rslora, targets):
-            raise ValueError(f"{path}: adapter has r={pc['r']}, lora_alpha={alpha}, use_rslora={rslora}, targets "
-                             f"{targets}; the model's LoRA has r={mine[0]}, alpha={mine[1]}, rslora={mine[2]}, "
-                             f"targets {mine[3]}")
 
+def _copy_adapters(model: nn.Module, lora: dict, w_file: Path) -> None:
+    """Every LoRALinear of the model gets its A and B from `lora`; each must be there with its shape."""
     wrapped = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     if missing := sorted(set(wrapped) - set(lora)):
         raise ValueError(f"{w_file}: no adapter weights for {len(missing)} modules, e.g. {missing[:3]}")
@@ -380,13 +351,3 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
             if which == "lora_B" and (heads := rotary_heads(model.args, name)):
                 t = unpermute_from_hf(t, heads)  # HF rotary row order -> Meta's
             getattr(m, which).copy_(t)
-    for name, t in full.items():
-        try:
-            p = model.get_parameter(name)
-        except AttributeError:
-            raise ValueError(f"{w_file}: the model has no parameter {name!r}") from None
-        if p.shape != t.shape:
-            raise ValueError(f"{w_file}: {name} has shape {tuple(t.shape)}, the model's is {tuple(p.shape)} "
-                             f"(resize the embeddings to the adapter's vocabulary first)")
-        p.copy_(t)
-    return model

@@ -352,19 +352,57 @@ def _split_k(C: int, R: int, n_sm: int) -> int:
 
 def nf4_gemm(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape: tuple[int, int],
              absmax2: torch.Tensor | None = None, code2: torch.Tensor | None = None,
-             offset: torch.Tensor | float | None = None, *, transpose: bool = False,
-             split_k: int | None = None) -> torch.Tensor:
+             offset: torch.Tensor | float | None = None, *, transpose: bool = False) -> torch.Tensor:
     """x [..., K] @ W.T -> [..., N] (transpose=False), or g [..., N] @ W -> [..., K] (transpose=True), for the NF4
     weight W [N, K] = `shape` in bitsandbytes' format: `packed` uint8 [(N*K+1)/2], `absmax` one per 64 values
     (fp32, or uint8 with the double quantization's `absmax2` per 256 blocks, `code2` and `offset`), `code` the
-    16 NF4 levels (fp32, on x's device). Output in x's dtype (bf16, fp16 or fp32), fp32 accumulation.
-    `split_k`: slices of the summed dimension for the M <= 16 launch (None: chosen from the shape)."""
+    16 NF4 levels (fp32, on x's device). Output in x's dtype (bf16, fp16 or fp32), fp32 accumulation."""
+    _check(x, packed, absmax, code, shape, absmax2, code2, transpose)
+    N, K = shape
+    R, C = (N, K) if transpose else (K, N)
+    a = x.reshape(-1, R)  # (M, R); a view when it can be, strides passed as they are
+    M = a.shape[0]
+    out_shape = (*x.shape[:-1], C)
+    if M == 0:
+        return x.new_empty(out_shape)
+    nested = absmax2 is not None
+    if nested:
+        absmax2, code2 = absmax2.float(), code2.float()
+        offset = torch.as_tensor(offset, dtype=torch.float32, device=x.device)
+    else:  # unused by the kernel (NESTED=False): any valid pointer
+        absmax2 = code2 = offset = absmax
+    aligned = K % 64 == 0
+    meta = dict(TRANSPOSE=transpose, NESTED=nested, ALIGNED=aligned, INTERPRETED=INTERPRET,
+                DOT_PRECISION="tf32" if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee")
+
+    if M <= GEMV_MAX_M:
+        block_m = 1 if M == 1 else 16
+        splits = _split_k(C, R, _sm_count(x.device))
+        # one slice writes the output directly; several write fp32 partial sums, added up below
+        out = torch.empty((splits, M, C), device=x.device, dtype=x.dtype if splits == 1 else torch.float32)
+        grid = lambda META: (triton.cdiv(M, block_m) * triton.cdiv(C, META["BLOCK_C"]), splits)  # noqa: E731
+        kernel = _gemv if aligned else _gemv_any_k
+        kernel[grid](a, out, packed, absmax, absmax2, code2, offset, code,
+                     M, N, K, block_m, a.stride(0), a.stride(1), *out.stride(), BLOCK_M=block_m, **meta)
+        y = out[0] if splits == 1 else out.sum(0).to(x.dtype)
+    else:
+        y = torch.empty((M, C), device=x.device, dtype=x.dtype)
+        m_bucket = min(triton.next_power_of_2(M), 8192)
+        grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(C, META["BLOCK_C"]), 1)  # noqa: E731
+        kernel = _gemm if aligned else _gemm_any_k
+        kernel[grid](a, y, packed, absmax, absmax2, code2, offset, code,
+                     M, N, K, m_bucket, a.stride(0), a.stride(1), 0, y.stride(0), y.stride(1), **meta)
+    return y.view(out_shape)
+
+
+def _check(x, packed, absmax, code, shape, absmax2, code2, transpose: bool) -> None:
+    """nf4_gemm's arguments, checked before anything is launched: a ValueError naming the one that is wrong."""
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"triton_nf4.nf4_gemm: x.dtype is {x.dtype}, expected bfloat16, float16 or float32")
     if len(shape) != 2:
         raise ValueError(f"triton_nf4.nf4_gemm: weight shape {tuple(shape)}, expected 2-D [N, K]")
     N, K = shape
-    R, C = (N, K) if transpose else (K, N)
+    R = N if transpose else K
     if x.ndim == 0 or x.shape[-1] != R:
         raise ValueError(f"triton_nf4.nf4_gemm: x.shape {tuple(x.shape)}, expected [..., {R}] for a weight "
                          f"[{N}, {K}] with transpose={transpose}")
@@ -391,36 +429,3 @@ def nf4_gemm(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: 
     if x.device.type != "cuda" and not INTERPRET:
         raise ValueError(f"triton_nf4.nf4_gemm: x is on {x.device}; the Triton kernels need CUDA "
                          "(or TRITON_INTERPRET=1 set before importing quant.triton_nf4)")
-
-    a = x.reshape(-1, R)  # (M, R); a view when it can be, strides passed as they are
-    M = a.shape[0]
-    out_shape = (*x.shape[:-1], C)
-    if M == 0:
-        return x.new_empty(out_shape)
-    if nested:
-        absmax2, code2 = absmax2.float(), code2.float()
-        offset = torch.as_tensor(offset, dtype=torch.float32, device=x.device)
-    else:  # unused by the kernel (NESTED=False): any valid pointer
-        absmax2 = code2 = offset = absmax
-    aligned = K % 64 == 0
-    meta = dict(TRANSPOSE=transpose, NESTED=nested, ALIGNED=aligned, INTERPRETED=INTERPRET,
-                DOT_PRECISION="tf32" if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee")
-
-    if M <= GEMV_MAX_M:
-        block_m = 1 if M == 1 else 16
-        splits = split_k or _split_k(C, R, _sm_count(x.device))
-        # one slice writes the output directly; several write fp32 partial sums, added up below
-        out = torch.empty((splits, M, C), device=x.device, dtype=x.dtype if splits == 1 else torch.float32)
-        grid = lambda META: (triton.cdiv(M, block_m) * triton.cdiv(C, META["BLOCK_C"]), splits)  # noqa: E731
-        kernel = _gemv if aligned else _gemv_any_k
-        kernel[grid](a, out, packed, absmax, absmax2, code2, offset, code,
-                     M, N, K, block_m, a.stride(0), a.stride(1), *out.stride(), BLOCK_M=block_m, **meta)
-        y = out[0] if splits == 1 else out.sum(0).to(x.dtype)
-    else:
-        y = torch.empty((M, C), device=x.device, dtype=x.dtype)
-        m_bucket = min(triton.next_power_of_2(M), 8192)
-        grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(C, META["BLOCK_C"]), 1)  # noqa: E731
-        kernel = _gemm if aligned else _gemm_any_k
-        kernel[grid](a, y, packed, absmax, absmax2, code2, offset, code,
-                     M, N, K, m_bucket, a.stride(0), a.stride(1), 0, y.stride(0), y.stride(1), **meta)
-    return y.view(out_shape)

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import hf_to_meta_state_dict, train_sentencepiece
-import llama.checkpoint as C
+import llama.export as E
 from llama import ModelArgs, Transformer, load_model, save_model
 from llama.checkpoint import (CheckpointError, find_tokenizer, hf_to_meta_key, meta_to_hf_key, permute_for_hf,
                               unpermute_from_hf)
@@ -199,7 +199,7 @@ def test_save_overwrites_atomically(tmp_path, hf, monkeypatch):
 
     def crash(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(C.torch, "save", crash)
+    monkeypatch.setattr(E.torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
         save_model(ours, tmp_path / "out", layout="meta")
     assert (tmp_path / "out" / "consolidated.00.pth").read_bytes() == before  # the old folder is untouched

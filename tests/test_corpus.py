@@ -49,7 +49,7 @@ def test_arrays_equal_encode_chat_in_shuffled_order(tmp_path, tok):
     rows = dialogs(300)
     p = write_jsonl(tmp_path / "d.jsonl", rows)
     meta = corpus.prepare_corpus([str(p)], tok, tmp_path / "c", corpus.DataOptions(seq_len=256, seed=7),
-                                 workers=1, progress=False)
+                                 workers=1)
     # reference: the rows in random.Random(seed).shuffle order, each through encode_chat, truncated to seq_len
     order = list(range(len(rows)))
     random.Random(7).shuffle(order)
@@ -79,8 +79,7 @@ def test_worker_count_does_not_change_the_arrays(tmp_path, monkeypatch, template
     opts = corpus.DataOptions(template=template, seq_len=128, val_split=0.1, max_val=15, seed=3, overlong="drop")
     metas = []
     for w in (1, 2, 3):
-        metas.append(corpus.prepare_corpus([f"{p}:0.8", str(q)], tok, tmp_path / f"w{w}", opts, workers=w,
-                                           progress=False))
+        metas.append(corpus.prepare_corpus([f"{p}:0.8", str(q)], tok, tmp_path / f"w{w}", opts, workers=w))
     assert metas[0]["stats"]["total"]["skipped"]  # the drop filter did something
     if template == "chatml":
         assert tok.special_tokens["<|im_end|>"] in np.load(tmp_path / "w1" / "train" / "ids.npy")
@@ -98,8 +97,7 @@ def test_bad_row_in_a_worker_names_the_row_and_leaves_no_folder(tmp_path, tok, m
     rows[37] = {"messages": [{"role": "assistant", "content": "first"}]}  # llama2 needs a user turn first
     p = write_jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(DataError, match=re.escape(f"{p}:38: message 0 is 'assistant'")):
-        corpus.prepare_corpus([str(p)], tok, tmp_path / "c", corpus.DataOptions(seq_len=128), workers=2,
-                              progress=False)
+        corpus.prepare_corpus([str(p)], tok, tmp_path / "c", corpus.DataOptions(seq_len=128), workers=2)
     assert sorted(f.name for f in tmp_path.iterdir()) == ["d.jsonl"]
 
 
@@ -150,7 +148,7 @@ def test_build_batch_against_hand_made_rows(tok):
 
 def test_open_corpus_rejects_disagreeing_arrays(tmp_path, tok):
     p = write_jsonl(tmp_path / "d.jsonl", dialogs(20))
-    corpus.prepare_corpus([str(p)], tok, tmp_path / "c", corpus.DataOptions(seq_len=128), workers=1, progress=False)
+    corpus.prepare_corpus([str(p)], tok, tmp_path / "c", corpus.DataOptions(seq_len=128), workers=1)
     offsets = np.load(tmp_path / "c" / "train" / "offsets.npy")
     np.save(tmp_path / "c" / "train" / "offsets.npy", offsets[:-1])
     with pytest.raises(DataError, match=re.escape(f"prepared data {tmp_path / 'c'}: the train arrays disagree")):
@@ -257,14 +255,13 @@ def trees_of(split, tok) -> list[int]:
 def test_val_split_and_fraction_draw_whole_oasst_trees(tmp_path, tok):
     p = write_jsonl(tmp_path / "oasst.messages.jsonl", oasst_rows(40))
     corpus.prepare_corpus([str(p)], tok, tmp_path / "c", corpus.DataOptions(seq_len=128, val_split=0.3, seed=1),
-                          workers=1, progress=False)
+                          workers=1)
     _, splits = corpus.open_corpus(tmp_path / "c")
     train_trees, val_trees = trees_of(splits["train"], tok), trees_of(splits["val"], tok)
     assert not set(train_trees) & set(val_trees)  # no tree on both sides
     assert sorted(train_trees + val_trees) == sorted(list(range(40)) * 2)  # both threads of every tree
     assert len(val_trees) == 24  # int(80 samples * 0.3) = 24: whole trees of two threads until that is reached
-    corpus.prepare_corpus([f"{p}:0.5"], tok, tmp_path / "h", corpus.DataOptions(seq_len=128), workers=1,
-                          progress=False)
+    corpus.prepare_corpus([f"{p}:0.5"], tok, tmp_path / "h", corpus.DataOptions(seq_len=128), workers=1)
     half = trees_of(corpus.open_corpus(tmp_path / "h")[1]["train"], tok)
     assert len(set(half)) == 20 and sorted(half) == sorted(list(set(half)) * 2)  # half the trees, whole
 
@@ -272,8 +269,118 @@ def test_val_split_and_fraction_draw_whole_oasst_trees(tmp_path, tok):
 def test_text_rows_as_language_modelling(tmp_path, tok):
     p = write_jsonl(tmp_path / "t.jsonl", [{"text": "Once upon a time there was a cat."}])
     corpus.prepare_corpus([str(p)], tok, tmp_path / "c", corpus.DataOptions(seq_len=128, text_as_lm=True),
-                          workers=1, progress=False)
+                          workers=1)
     a = read_split(tmp_path / "c")
     want = tok.encode("Once upon a time there was a cat.", bos=True, eos=True)  # every token trained
     assert a["ids"].tolist() == want and a["mask"].tolist() == [1] * len(want)
     assert a["targets"].tolist() == [len(want) - 1]
+
+
+# ---- --bad-rows skip: broken rows among good ones are left out, counted and listed
+
+BROKEN = [  # (a line, its reason), one per kind of bad row
+    (b'{"messages": [{"role": "user", "content": "cut', "invalid_json"),
+    (b'{"prompt": "x", "completion": "y"}', "unknown_format"),
+    (b'{"messages": [{"role": "bot", "content": "x"}]}', "invalid_dialog"),
+    (b'{"messages": [{"role": "assistant", "content": "first"}]}', "invalid_dialog"),  # llama2: a user turn first
+    (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}]}',
+     "invalid_dialog"),
+]
+
+
+def write_with_broken_rows(path, good: list[dict], at: list[int]) -> list[int]:
+    """The good rows as JSON lines with BROKEN's lines inserted so that they land on lines `at` (1-based)."""
+    lines = [json.dumps(r).encode() for r in good]
+    for line_no, (line, _) in zip(at, BROKEN):
+        lines.insert(line_no - 1, line)
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return at
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_bad_rows_skip_gives_the_corpus_of_the_good_rows(tmp_path, monkeypatch, tok, workers):
+    monkeypatch.setattr(corpus, "CHUNK_ROWS", 16)  # many chunks: the bad rows fall into several
+    good = dialogs(200)
+    p = tmp_path / "mixed.jsonl"
+    at = write_with_broken_rows(p, good, [1, 40, 41, 150, 205])
+    q = write_jsonl(tmp_path / "good.jsonl", good)
+    opts = corpus.DataOptions(seq_len=128, val_split=0.1, seed=3, bad_rows="skip", max_bad_fraction=0.05)
+    meta = corpus.prepare_corpus([str(p)], tok, tmp_path / "skip", opts, workers=workers)
+    want = corpus.prepare_corpus([str(q)], tok, tmp_path / "good", corpus.DataOptions(seq_len=128, val_split=0.1, seed=3),
+                                 workers=1)
+    for split in ("train", "val"):
+        for k in corpus.ARRAYS:
+            assert np.array_equal(read_split(tmp_path / "skip", split)[k], read_split(tmp_path / "good", split)[k]), k
+    got, ref = meta["stats"]["total"], want["stats"]["total"]
+    assert got["skipped"] == {"invalid_json": 1, "unknown_format": 1, "invalid_dialog": 3, **ref["skipped"]}
+    assert got["rows"] == 205 and (got["accepted"], got["val"]) == (ref["accepted"], ref["val"])
+    listed = [json.loads(x) for x in (tmp_path / "skip" / "skipped.jsonl").read_text().splitlines()]
+    assert [(r["where"], r["reason"]) for r in listed] == [(f"{p}:{n}", why) for n, (_, why) in zip(at, BROKEN)]
+    assert listed[1]["error"] == f"{p}:40: row has no recognisable format; expected {{\"messages\": [...]}}, " \
+        "Alpaca {\"instruction\", \"input\", \"output\"}, ShareGPT {\"conversations\": [...]}, an OpenAssistant " \
+        "message {\"message_id\", \"parent_id\", ...} or tree {\"message_tree_id\", \"prompt\"}, or {\"text\"}; " \
+        "found keys ['completion', 'prompt']"
+    assert listed[3]["error"].startswith(f"{p}:150: message 0 is 'assistant' where llama2 needs 'user'")
+    assert listed[4]["error"] == f"{p}:205: message 0: content part 0 has type 'image_url'; only text parts can " \
+        "be trained on ({\"type\": \"text\", \"text\": ...})"
+    assert not (tmp_path / "good" / "skipped.jsonl").exists()
+    # the options are in the key: a corpus prepared with skip is not one prepared with error
+    key = corpus.corpus_key([str(p)], tok, opts)
+    assert corpus.key_difference(meta["key"], key) == []
+    assert corpus.key_difference(meta["key"], {**key, "bad_rows": "error"}) == ["bad_rows"]
+    assert corpus.key_difference(meta["key"], {**key, "max_bad_fraction": 0.5}) == ["max_bad_fraction"]
+    # a key written before these options existed holds their defaults
+    old = {k: v for k, v in want["key"].items() if k not in ("bad_rows", "max_bad_fraction")}
+    assert corpus.key_difference(old, want["key"]) == []
+
+
+def test_bad_rows_skip_caps(tmp_path, monkeypatch, tok):
+    p = tmp_path / "d.jsonl"
+    write_with_broken_rows(p, dialogs(60), [3, 9])
+    with pytest.raises(DataError, match=re.escape(
+            f"{p}: 2 of its 62 rows are bad, more than --max-bad-fraction 0.01 allows: probably a wrong --template or "
+            f"data format rather than a few broken rows. The first: {p}:3: not valid JSON")):
+        corpus.prepare_corpus([str(p)], tok, tmp_path / "c", corpus.DataOptions(seq_len=128, bad_rows="skip"),
+                              workers=1)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["d.jsonl"]
+    # under the fraction: kept; skipped.jsonl lists only the first MAX_LISTED, the stats count them all
+    monkeypatch.setattr(corpus, "MAX_LISTED", 1)
+    meta = corpus.prepare_corpus([str(p)], tok, tmp_path / "c", corpus.DataOptions(
+        seq_len=128, bad_rows="skip", max_bad_fraction=2 / 62), workers=1)
+    assert meta["stats"]["total"]["skipped"] == {"invalid_json": 1, "unknown_format": 1}
+    assert [json.loads(x)["where"] for x in (tmp_path / "c" / "skipped.jsonl").read_text().splitlines()] == [f"{p}:3"]
+
+
+def test_bad_rows_skip_still_stops_at_whole_file_problems(tmp_path, tok):
+    import gzip
+    opts = corpus.DataOptions(seq_len=128, bad_rows="skip", max_bad_fraction=1)
+    z = tmp_path / "cut.jsonl.gz"
+    z.write_bytes(gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in dialogs(200)))[:-60])
+    m = write_jsonl(tmp_path / "mixed.jsonl", dialogs(3) + [{"text": "[INST] q [/INST] a"}])
+    a = tmp_path / "arr.json"
+    a.write_text("[" + json.dumps(dialogs(1)[0]) + ", {\"messages\": [} ]")
+    for path, expect in ((z, re.escape(f"{z}:") + r"\d+: cannot read the file: Compressed file ended"),
+                         (m, re.escape(f"{m}:4: row is a text row but the file's first row")),
+                         (a, re.escape(f"{a}:2: not valid JSON"))):
+        with pytest.raises(DataError, match=expect):
+            corpus.prepare_corpus([str(path)], tok, tmp_path / "c", opts, workers=1)
+        assert not (tmp_path / "c").exists()
+
+
+def test_prepare_data_bad_rows_skip_reports_the_reasons(tmp_path, capsys):
+    ckpt = tok_only_ckpt(tmp_path)
+    p = tmp_path / "d.jsonl"
+    write_with_broken_rows(p, dialogs(100), [2, 30, 50])
+    argv = ["--ckpt", str(ckpt), "--data", str(p), "--out", str(tmp_path / "out"), "--seq-len", "128",
+            "--prepare-data", "--data-workers", "1"]
+    assert train.main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"error: {p}:2: not valid JSON")  # the default: error
+    assert not (tmp_path / "out").exists()
+    assert train.main(argv + ["--bad-rows", "skip", "--max-bad-fraction", "0.05"]) == 0
+    out = capsys.readouterr().out
+    for line in ("    skipped 1: invalid_json", "    skipped 1: unknown_format", "    skipped 1: invalid_dialog"):
+        assert out.count(line + "\n") == 2  # the file's line and the total's
+    stats = json.loads((tmp_path / "out" / "data_stats.json").read_text())
+    assert stats["total"]["skipped"] == {"invalid_dialog": 1, "invalid_json": 1, "unknown_format": 1}
+    assert stats["total"]["rows"] == 103 and stats["total"]["accepted"] == 100
+    assert len((tmp_path / "out" / "data" / "skipped.jsonl").read_text().splitlines()) == 3

@@ -454,3 +454,190 @@ def test_bad_rows_name_file_and_line(tmp_path, line, expect):
     p.write_bytes(json.dumps(first).encode() + b"\n" + line + b"\n")
     with pytest.raises(DataError, match=re.escape(f"{tmp_path}/{expect}")):
         list(read_dialogs(p))
+
+
+# ---- malformed values (found by fuzzing): each a DataError naming the row and the field, never another exception
+
+SHARE_OK = {"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]}
+
+
+@pytest.mark.parametrize("row, expect", [
+    ({"conversations": [{"from": ["human"], "value": "x"}]}, "ShareGPT turn {'from': ['human'], 'value': 'x'} has no "
+                                                              "known 'from'"),
+    ({"conversations": [{"from": {"a": 1}, "value": "x"}]}, "ShareGPT turn {'from': {'a': 1}, 'value': 'x'} has no "
+                                                             "known 'from'"),
+    ({"messages": [{"role": ["user"], "content": "x"}]}, "message 0 has unknown role ['user']"),
+])
+def test_unhashable_roles(tmp_path, row, expect):
+    p = write_jsonl(tmp_path / "d.jsonl", [SHARE_OK if "conversations" in row else TULU_ROWS[0], row])
+    with pytest.raises(DataError, match=re.escape(f"{p}:2: {expect}")):
+        list(read_dialogs(p))
+
+
+@pytest.mark.parametrize("field, value, expect", [
+    ("role", ["prompter"], "OpenAssistant message A has role ['prompter']; expected prompter or assistant"),
+    ("role", {"r": 1}, "OpenAssistant message A has role {'r': 1}; expected prompter or assistant"),
+    ("message_id", ["A"], "OpenAssistant message ['A']: 'message_id' must be a string or an integer, got list"),
+    ("parent_id", {"id": "A"}, "OpenAssistant message A1: 'parent_id' must be a string or an integer, got dict"),
+])
+def test_oasst_unhashable_fields(tmp_path, field, value, expect):
+    rows = json.loads(json.dumps(OASST_ROWS[1:3]))  # A, then A1 replying to it
+    rows[1 if field == "parent_id" else 0][field] = value
+    p = write_jsonl(tmp_path / "m.jsonl", rows)
+    with pytest.raises(DataError, match=re.escape(f"{p}:{2 if field == 'parent_id' else 1}: {expect}")):
+        list(read_dialogs(p))
+    if field == "role":  # the same message in a tree row
+        tree = {"message_tree_id": "tA", "prompt": {k: v for k, v in rows[0].items() if k != "message_tree_id"}}
+        p = write_jsonl(tmp_path / "t.jsonl", [tree])
+        with pytest.raises(DataError, match=re.escape(f"{p}:1: {expect}")):
+            list(read_dialogs(p))
+
+
+def deep_tree(depth: int) -> str:
+    """An OASST tree row whose one thread is `depth` messages long: each reply nests an object in a list."""
+    head = "".join(f'{{"message_id": "m{i}", "role": "{("prompter", "assistant")[i % 2]}", "text": "t{i}", '
+                   f'"review_result": true, "replies": [' for i in range(depth))
+    return '{"message_tree_id": "t", "prompt": ' + head + "]}" * depth + "}"
+
+
+@pytest.mark.parametrize("name", ["t.jsonl", "t.json"])
+def test_oasst_tree_nested_deeper_than_the_json_reader(tmp_path, name):
+    p = tmp_path / name
+    row = deep_tree(3000)
+    p.write_text(f"[{row}]" if name == "t.json" else row + "\n")
+    with pytest.raises(DataError, match=re.escape(f"{p}:1: cannot read the JSON: it nests deeper than Python's JSON "
+                                                  "reader allows")):
+        list(read_dialogs(p))
+    p.write_text(deep_tree(40) + "\n")  # a long thread the reader takes: one dialog of 40 messages
+    assert [len(m) for m in dialogs(p)] == [40]
+
+
+def test_integer_longer_than_python_reads(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps(TULU_ROWS[0]) + '\n{"messages": [{"role": "user", "content": ' + "9" * 5000 + "}]}\n")
+    with pytest.raises(DataError, match=re.escape(f"{p}:2: cannot read the JSON: Exceeds the limit (4300 digits)")):
+        list(read_dialogs(p))
+    q = tmp_path / "d.json"
+    q.write_text(f"[{json.dumps(TULU_ROWS[0])}, " + '{"text": ' + "9" * 5000 + "}]")
+    with pytest.raises(DataError, match=re.escape(f"{q}:2: cannot read the JSON: Exceeds the limit (4300 digits)")):
+        list(read_dialogs(q))
+
+
+@pytest.mark.parametrize("row, expect", [
+    ({"messages": [U("caf\ud800"), A("x")]}, "message 0 (user): the text holds a lone surrogate '\\ud800' at "
+                                               "character 3"),
+    ({"instruction": "q", "input": "\udfff", "output": "a"}, "message 0 (user): the text holds a lone surrogate "
+                                                               "'\\udfff'"),
+    ({"text": "[INST] q [/INST] a\udc80"}, "message 1 (assistant): the text holds a lone surrogate '\\udc80'"),
+])
+def test_lone_surrogates(tmp_path, row, expect):
+    """A JSON \\ud800 escape without its pair decodes to a str that is not Unicode text (SentencePiece cannot take
+    it)."""
+    p = write_jsonl(tmp_path / "d.jsonl", [row])
+    with pytest.raises(DataError, match=re.escape(f"{p}:1: {expect}")):
+        list(read_dialogs(p))
+
+
+def test_lone_surrogate_in_a_text_trained_whole(tmp_path):
+    p = write_jsonl(tmp_path / "d.jsonl", [{"text": "plain \ud800 text"}])
+    with pytest.raises(DataError, match=re.escape(f"{p}:1: 'text' holds a lone surrogate '\\ud800' at character 6")):
+        list(read_dialogs(p, text_as_lm=True))
+
+
+# ---- OpenAI / Hugging Face content parts
+
+
+def parts(*texts):
+    return [{"type": "text", "text": t} for t in texts]
+
+
+def test_content_parts_are_joined_with_nothing_between(tmp_path):
+    rows = [{"messages": [{"role": "system", "content": parts("Be ", "brief.")},
+                          {"role": "user", "content": parts("What is ", "2+2", "?")},
+                          {"role": "assistant", "content": parts("4.")}]},
+            {"messages": [U("Hi"), {"role": "assistant", "content": parts("Hello", "\n", "there.")}]}]
+    assert dialogs(write_jsonl(tmp_path / "c.jsonl", rows)) == [[S("Be brief."), U("What is 2+2?"), A("4.")],
+                                                               [U("Hi"), A("Hello\nthere.")]]
+    share = [{"conversations": [{"from": "human", "value": parts("Hot", "?")}, {"from": "gpt", "value": "Cold."}]}]
+    assert dialogs(write_jsonl(tmp_path / "s.jsonl", share)) == [[U("Hot?"), A("Cold.")]]
+
+
+@pytest.mark.parametrize("content, expect", [
+    ([{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "cat.png"}}],
+     "message 1: content part 1 has type 'image_url'; only text parts can be trained on"),
+    ([{"type": "input_audio", "input_audio": {"data": "...", "format": "wav"}}],
+     "message 1: content part 0 has type 'input_audio'"),
+    ([{"text": "no type"}], "message 1: content part 0 has type None"),
+    (["plain"], "message 1: content part 0 is str; expected {\"type\": \"text\", \"text\": ...}"),
+    ([{"type": "text", "text": ["x"]}], "message 1: content part 0: 'text' must be a string, got list"),
+    ([], "message 1 (assistant) has empty content"),
+])
+def test_bad_content_parts(tmp_path, content, expect):
+    p = write_jsonl(tmp_path / "c.jsonl", [{"messages": [U("q"), {"role": "assistant", "content": content}]}])
+    with pytest.raises(DataError, match=re.escape(f"{p}:1: {expect}")):
+        list(read_dialogs(p))
+
+
+# ---- bad_rows="skip": the bad rows are records, the rest reads on
+
+
+def test_skip_records_and_the_fraction_cap(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b"\n".join([json.dumps(TULU_ROWS[0]).encode(), b'{"messages": [', b'{"q": 1}',
+                              json.dumps(TULU_ROWS[1]).encode(), b'{"messages": [{"role": "bot", "content": "x"}]}',
+                              b"", json.dumps(TULU_ROWS[2]).encode()]) + b"\n")
+    got = list(read_dialogs(p, bad_rows="skip", max_bad_fraction=0.5))
+    assert [d.get("messages") for d in got] == [TULU_DIALOGS[0], None, None, TULU_DIALOGS[1], None, TULU_DIALOGS[2]]
+    assert [(d["where"], d.get("skipped")) for d in got if "skipped" in d] == [
+        (f"{p}:2", "invalid_json"), (f"{p}:3", "unknown_format"), (f"{p}:5", "invalid_dialog")]
+    assert got[4]["error"] == f"{p}:5: message 0 has unknown role 'bot'; expected one of system, user, assistant"
+    with pytest.raises(DataError, match=re.escape(f"{p}: 3 of its 6 rows are bad, more than --max-bad-fraction 0.4 "
+                                                  f"allows: probably a wrong --template or data format rather than a "
+                                                  f"few broken rows. The first: {p}:2: not valid JSON")):
+        list(read_dialogs(p, bad_rows="skip", max_bad_fraction=0.4))
+    with pytest.raises(DataError, match=re.escape(f"{p}:2: not valid JSON")):  # the default is error
+        list(read_dialogs(p))
+
+
+def test_skip_a_template_cannot_render(tmp_path):
+    p = write_jsonl(tmp_path / "d.jsonl", [{"messages": [U("q"), U("again"), A("a")]}, TULU_ROWS[0]])
+    assert len(dialogs(p)) == 2  # any template but llama2 takes two user turns in a row
+    got = list(read_dialogs(p, template="llama2", bad_rows="skip", max_bad_fraction=1))
+    assert got[0]["error"] == (f"{p}:1: message 1 is 'user' where llama2 needs 'assistant': its turns must alternate "
+                               "user/assistant, starting with user (after an optional system message)")
+    assert got[1]["messages"] == TULU_DIALOGS[0]
+
+
+def test_skip_oasst_messages_take_their_replies_along(tmp_path):
+    rows = json.loads(json.dumps(OASST_ROWS))
+    rows[2]["role"] = ["assistant"]  # A1 (line 3): its replies A1a, A1b and theirs, A1a1, A1a2, go with it
+    p = write_jsonl(tmp_path / "m.jsonl", rows)
+    got = list(read_dialogs(p, bad_rows="skip", max_bad_fraction=1))
+    assert [d["messages"] for d in got if "messages" in d] == [T3, T4, T5, T6, T7]
+    skipped = sorted((int(d["where"].rpartition(":")[2]), d["error"].partition(": ")[2]) for d in got if "skipped" in d)
+    assert skipped == [(1, "OpenAssistant message A1a1 replies to A1a, which was left out"),
+                       (3, "OpenAssistant message A1 has role ['assistant']; expected prompter or assistant"),
+                       (5, "OpenAssistant message A1a: its parent A1 is not in the data"),
+                       (6, "OpenAssistant message A1b: its parent A1 is not in the data"),
+                       (7, "OpenAssistant message A1a2 replies to A1a, which was left out")]
+    assert {d["skipped"] for d in got if "skipped" in d} == {"invalid_oasst"}
+    # a parent loop (tree D has no root): each of its rows is left out, the other trees read on
+    rows = json.loads(json.dumps(OASST_ROWS))
+    rows[19]["parent_id"] = "D1"  # D (line 20) replies to D1, which replies to D
+    p = write_jsonl(tmp_path / "m.jsonl", rows)
+    got = list(read_dialogs(p, bad_rows="skip", max_bad_fraction=1))
+    assert [d["messages"] for d in got if "messages" in d] == [T1, T2, T3, T4, T5, T6, T7]
+    no_root = "OpenAssistant tree tD has no root message"
+    assert [(d["where"], d["error"].partition(": ")[2][:41]) for d in got if "skipped" in d] == [
+        (f"{p}:20", no_root), (f"{p}:21", no_root)]
+    with pytest.raises(DataError, match=re.escape(f"{p}:20: OpenAssistant tree tD has no root message")):
+        list(read_dialogs(p))
+
+
+def test_skip_oasst_tree_rows_whole(tmp_path):
+    trees = json.loads(json.dumps(oasst_trees(OASST_ROWS)))
+    del trees[1]["prompt"]["replies"][0]["replies"][1]["text"]  # B1b, deep in tree B (line 2)
+    p = write_jsonl(tmp_path / "t.jsonl", trees)
+    got = list(read_dialogs(p, bad_rows="skip", max_bad_fraction=1))
+    assert [d.get("messages") for d in got] == [T1, T2, T3, None, T7]
+    assert got[3]["where"] == f"{p}:2" and got[3]["error"].startswith(f"{p}:2: OpenAssistant message B1b has no 'text'")

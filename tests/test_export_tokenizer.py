@@ -14,8 +14,8 @@ from sentencepiece import SentencePieceProcessor
 
 import train
 from llama import ModelArgs, Tokenizer, Transformer, save_model
-from llama.chat import CHAT_TEMPLATES, TEMPLATES, encode_chat, required_special_tokens, save_tokenizer_files
-from llama.tokenizer import hf_tokenizer_json
+from llama.chat import CHAT_TEMPLATES, TEMPLATES, encode_chat, required_special_tokens
+from llama.export import hf_tokenizer_json, save_tokenizer_files
 
 transformers = pytest.importorskip("transformers")
 
@@ -38,8 +38,8 @@ TEXTS = ["Hello world", " leading space", "  two leading spaces", "trailing  ", 
 def export(tok_path, template, tmp_path, model=True):
     tok = Tokenizer(tok_path)
     tok.add_special_tokens(required_special_tokens(template))
-    files = save_tokenizer_files(tok, tmp_path / template, template, model=model)
-    return tok, files, tmp_path / template
+    save_tokenizer_files(tok, tmp_path / template, template, model=model)
+    return tok, sorted(p.name for p in (tmp_path / template).iterdir()), tmp_path / template
 
 
 def hf_chat_ids(hf, messages, gen):
@@ -86,7 +86,7 @@ def test_plain_text_is_bos_plus_sentencepiece_ids(llama2_tokenizer_path, tmp_pat
     model keeps them; the demo's collapses extra spaces, restated as normalizers)."""
     path = llama2_tokenizer_path if which == "llama2" else train.DEMO / "tiny-llama" / "tokenizer.model"
     _, files, folder = export(path, "llama2", tmp_path, model=False)
-    assert files == ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+    assert files == ["special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
     sp = SentencePieceProcessor(model_file=str(path))
     hf = transformers.AutoTokenizer.from_pretrained(folder)
     for text in TEXTS:
@@ -116,8 +116,8 @@ def test_no_tokenizer_json_for_a_model_it_cannot_restate(tmp_path):
     assert hf_tokenizer_json(tok) is None
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "tokenizer.json").write_text("{}")  # stale, from an earlier export
-    files = save_tokenizer_files(tok, tmp_path / "out", "oasst", model=True)
-    assert "tokenizer.json" not in files and not (tmp_path / "out" / "tokenizer.json").exists()
+    save_tokenizer_files(tok, tmp_path / "out", "oasst", model=True)
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
     cfg = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
     assert cfg["tokenizer_class"] == "LlamaTokenizer" and cfg["legacy"] is True
 

@@ -2,14 +2,15 @@
 hand-computed distributions, stop tokens, streaming text, and the `python -m llama.generate` CLI end to end."""
 import io
 import math
+import sys
 
 import pytest
 import torch
 
 from conftest import train_sentencepiece
 import llama.generate as gen
+from llama import save_model
 from llama.chat import encode_chat
-from llama.checkpoint import save_model
 from llama.generate import TextStream, generate, main, top_p_filter
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import Tokenizer
@@ -52,8 +53,8 @@ def test_kv_cache_matches_full_recompute():
 
 def test_top_p_to_zero_is_greedy():
     model = tiny_model(128)
-    g = torch.Generator().manual_seed(0)
-    assert generate(model, PROMPTS, 10, temperature=1.0, top_p=1e-6, generator=g) == generate(model, PROMPTS, 10)
+    torch.manual_seed(0)
+    assert generate(model, PROMPTS, 10, temperature=1.0, top_p=1e-6) == generate(model, PROMPTS, 10)
 
 
 def test_top_p_filter_hand_computed():
@@ -73,8 +74,8 @@ def test_sampling_follows_softmax_with_temperature_and_nucleus():
     for temperature, top_p in [(0.7, 1.0), (1.5, 0.6)]:
         want = torch.softmax(logits / temperature, -1)
         want = top_p_filter(want[None].clone(), top_p)[0]
-        g = torch.Generator().manual_seed(1)
-        out = generate(model, [prompt] * n, 1, temperature=temperature, top_p=top_p, generator=g)
+        torch.manual_seed(1)
+        out = generate(model, [prompt] * n, 1, temperature=temperature, top_p=top_p)
         freq = torch.bincount(torch.tensor([o[0] for o in out]), minlength=16).float() / n
         assert (freq[want == 0] == 0).all()  # nothing outside the nucleus
         assert 0.5 * (freq - want).abs().sum() < 0.04  # total variation; sampling noise is ~0.015
@@ -118,10 +119,21 @@ def tokenizer(request, tmp_path):
     return Tokenizer(request.getfixturevalue("llama2_tokenizer_path"))
 
 
-def test_text_stream_reproduces_text(tokenizer):
+class Writes(list):
+    """A stdout that keeps each write apart: the pieces of text a stream shows, in order."""
+
+    def write(self, text: str) -> None:
+        self.append(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_text_stream_reproduces_text(tokenizer, monkeypatch):
     text = "Hello world!  Two spaces, a newline\nand ü€😀 at the end x"
-    writes: list[str] = []
-    stream = TextStream(tokenizer, writes.append)
+    writes = Writes()
+    monkeypatch.setattr(sys, "stdout", writes)
+    stream = TextStream(tokenizer)
     for t in tokenizer.encode(text):
         stream(0, t)
     assert stream.finish() == text and "".join(writes) == text
@@ -130,12 +142,13 @@ def test_text_stream_reproduces_text(tokenizer):
     assert "".join(tokenizer.decode([t]) for t in tokenizer.encode(text)) != text
 
 
-def test_text_stream_on_random_tokens(tokenizer):
+def test_text_stream_on_random_tokens(tokenizer, monkeypatch):
     """Whatever a model emits (broken byte sequences included), the writes add up to the decoded text."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, tokenizer.n_words, (200,), generator=g).tolist()
-    writes: list[str] = []
-    stream = TextStream(tokenizer, writes.append)
+    writes = Writes()
+    monkeypatch.setattr(sys, "stdout", writes)
+    stream = TextStream(tokenizer)
     for t in ids:
         stream(0, t)
     assert stream.finish() == tokenizer.decode(ids) == "".join(writes)

@@ -83,14 +83,16 @@ def check(y: torch.Tensor, a: torch.Tensor, B: torch.Tensor) -> float:
 
 
 def test_dequantize_nf4_matches_bitsandbytes_on_cuda():
-    """Our PyTorch dequantization (the torch backend's and merge_lora's) on the GPU: bit-exact on CPU
-    (test_nf4.py); here an fma-contracted absmax decode in either may move a block's scale by one fp32 ulp."""
+    """Our PyTorch dequantizations on the GPU, the formula (dequantize_nf4) and the table lookup that the torch
+    backend and merge_lora run (quant/cpu.py's dense): bit-exact on CPU (test_nf4.py); here an fma-contracted
+    absmax decode in either may move a block's scale by one fp32 ulp."""
     import quant
+    from quant import cpu, nf4
     for N, K in SHAPES_7B.values():
         packed, s, W = quantized(N, K)
-        ours = quant.dequantize_nf4(packed, s)
-        assert ours.dtype == W.dtype == torch.float32
-        torch.testing.assert_close(ours, W, rtol=2**-22, atol=0)
+        for ours in (quant.dequantize_nf4(packed, s), cpu.dense(packed, s, nf4.dequantize_absmax(s), torch.float32)):
+            assert ours.dtype == W.dtype == torch.float32
+            torch.testing.assert_close(ours, W, rtol=2**-22, atol=0)
 
 
 # M = 1: the GEMV's multiply-add path; 5: GEMV on one 16-row MMA tile; 64: prefill-sized GEMM tiles;
@@ -117,7 +119,7 @@ def test_triton_nf4_at_7b_shapes(shape, dtype, M):
 
 @needs_sm80
 @pytest.mark.parametrize("M", [1, 5])
-def test_triton_split_k_at_7b_down_projection(M):
+def test_triton_split_k_at_7b_down_projection(M, monkeypatch):
     """Explicit slice counts of the summed dimension (11008 forward, 4096 backward), uneven ones included."""
     from quant import triton_nf4
     N, K = SHAPES_7B["down"]
@@ -127,8 +129,9 @@ def test_triton_split_k_at_7b_down_projection(M):
     x = torch.randn(M, K, device=DEVICE, generator=g).to(torch.bfloat16)
     dy = torch.randn(M, N, device=DEVICE, generator=g).to(torch.bfloat16)
     for splits in (1, 3, 7, 64):
-        check(triton_nf4.nf4_gemm(x, *w, transpose=False, split_k=splits), x, W.t())
-        check(triton_nf4.nf4_gemm(dy, *w, transpose=True, split_k=splits), dy, W)
+        monkeypatch.setattr(triton_nf4, "_split_k", lambda C, R, n_sm: splits)
+        check(triton_nf4.nf4_gemm(x, *w, transpose=False), x, W.t())
+        check(triton_nf4.nf4_gemm(dy, *w, transpose=True), dy, W)
 
 
 @needs_sm80
@@ -189,7 +192,7 @@ def test_packed_flex_attention_equals_documents_alone(dtype, monkeypatch):
     # documents across the 128-token blocks of the BlockMask: whole, partial, one token, and a padded tail
     tokens, doc_ids, docs = _docs([[100, 157, 90], [384], [1, 127, 129, 127]], vocab, T)
     tokens, doc_ids = tokens.to(DEVICE), doc_ids.to(DEVICE)
-    assert isinstance(M.packed_mask(doc_ids), M.BlockMask), "packed rows on CUDA must take the flex_attention path"
+    assert M._use_flex(doc_ids.device), "packed rows on CUDA must take the flex_attention path"
     out = model(tokens, doc_ids)  # (B, T, vocab)
     packed = out.detach()
     assert flex_calls and M._flex_compiled is not None, "flex_attention was not run compiled"

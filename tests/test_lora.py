@@ -10,6 +10,7 @@ from torch import nn
 
 import quant
 from lora import LoRALinear, apply_lora, count_parameters, load_adapter, merge_lora, save_adapter
+from lora.dropout import drop_positions, keep_mask
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -108,10 +109,13 @@ def test_dropout_plan_is_independent_bernoulli(p, gaps):
     in each of 64 blocks and at each position mod 4 and mod 7 (a bias in the bit lanes or in the gap sampling
     would show there); adjacent pairs dropped together (q^2) and runs of three (q^3): independence. The same
     seed replays the same plan; another seed does not."""
-    from lora.lora import _drop_plan
     n, seed = 1 << 20, 99
     q = round(p * 2**16) / 2**16
-    plan = _drop_plan(n, p, seed, torch.device("cpu"), torch.float32, gaps=gaps)
+
+    def draw(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return drop_positions(n, q, gen) if gaps else keep_mask(n, round(p * 2**16), gen, torch.float32)
+    plan = draw(seed)
     if gaps:
         assert plan.dtype == torch.int64 and (plan.diff() > 0).all() and 0 <= plan.min() and plan.max() < n
         drop = torch.zeros(n, dtype=torch.bool)
@@ -131,9 +135,9 @@ def test_dropout_plan_is_independent_bernoulli(p, gaps):
     near((drop[:-1] & drop[1:]).double().mean(), q * q, n)
     near((drop[:-2] & drop[1:-1] & drop[2:]).double().mean(), q ** 3, n)
 
-    again = _drop_plan(n, p, seed, torch.device("cpu"), torch.float32, gaps=gaps)
+    again = draw(seed)
     assert torch.equal(plan, again)
-    other = _drop_plan(n, p, seed + 1, torch.device("cpu"), torch.float32, gaps=gaps)
+    other = draw(seed + 1)
     assert other.shape != plan.shape or not torch.equal(plan, other)
 
 

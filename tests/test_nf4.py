@@ -69,14 +69,16 @@ def bnb_dense(packed, s, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("shape", [(33, 100), (128, 96), (7, 13), (130, 64)])
-def test_dequantize_bit_exact_across_cpu_slices(shape, monkeypatch):
-    """The CPU lookup goes slice by slice (8192 blocks each); with slices of 1 and 3 blocks every boundary
-    case (a slice ending mid-row, the short last block) shows up on small weights."""
+def test_cpu_dequantize_bit_exact_across_slices(shape, monkeypatch):
+    """The CPU fast path's dense weight (what NF4Linear.dequantize and the training-sized products use): its
+    table lookup for K % 64 != 0 goes slice by slice (8192 blocks each); with slices of 1 and 3 blocks every
+    boundary case (a slice ending mid-row, the short last block) shows up on small weights."""
     torch.manual_seed(0)
     packed, s = quantize(torch.randn(*shape).to(torch.bfloat16))
     for blocks in (1, 3):
-        monkeypatch.setattr(quant.nf4, "_CPU_SLICE_BLOCKS", blocks)
-        assert torch.equal(quant.dequantize_nf4(packed, s), bnb_dense(packed, s, torch.bfloat16))
+        monkeypatch.setattr(quant.cpu, "LOOKUP_SLICE_BLOCKS", blocks)
+        dense = quant.cpu.dense(packed, s, quant.nf4.dequantize_absmax(s), torch.bfloat16)
+        assert torch.equal(dense, bnb_dense(packed, s, torch.bfloat16))
 
 
 def test_cpu_scratch_is_reused_and_never_escapes():

@@ -80,13 +80,13 @@ def bad_inputs(ckpt: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
     tok = Tokenizer(ckpt / "tokenizer.model")
     opts = corpus.DataOptions(seq_len=32)
     short = tmp / "prepared_short"  # ids.npy lost its last token
-    corpus.prepare_corpus([str(ckpt / "data.jsonl")], tok, short, opts, workers=1, progress=False)
+    corpus.prepare_corpus([str(ckpt / "data.jsonl")], tok, short, opts, workers=1)
     ids = np.load(short / "train" / "ids.npy")
     np.save(short / "train" / "ids.npy", ids[:-1])
     other = tmp / "prepared_other_tok"  # written by a tokenizer with two more tokens
     tok2 = Tokenizer(ckpt / "tokenizer.model")
     tok2.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    corpus.prepare_corpus([str(ckpt / "data.jsonl")], tok2, other, opts, workers=1, progress=False)
+    corpus.prepare_corpus([str(ckpt / "data.jsonl")], tok2, other, opts, workers=1)
     base = lambda c, d=ckpt / "data.jsonl": ["--ckpt", str(c), "--data", str(d), "--max-steps", "1"]  # noqa: E731
     return {
         "truncated pth": (base(trunc), "consolidated.00.pth"),
@@ -301,7 +301,7 @@ def test_fuzz_data_loader_never_tracebacks(tmp_path):
         cfg = train.TrainConfig(data=[str(p)], seq_len=rng.choice([8, 16, 64]), overlong=rng.choice(["drop", "truncate"]))
         dest = tmp_path / f"c{n}"
         try:
-            meta = corpus.prepare_corpus(cfg.data, tok, dest, train.data_options(cfg), workers=1, progress=False)
+            meta = corpus.prepare_corpus(cfg.data, tok, dest, train.data_options(cfg), workers=1)
         except DataError as e:
             assert str(p) in str(e) or "no training samples" in str(e)
             assert not dest.exists()

@@ -43,7 +43,7 @@ CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user"
 def prepare(tmp_path, tok, data, **opts):
     """prepare_corpus into a fresh folder -> (stats, [(ids, mask)] train, [(ids, mask)] val)."""
     dest = tmp_path / f"c{len(list(tmp_path.glob('c*')))}"
-    meta = corpus.prepare_corpus(data, tok, dest, corpus.DataOptions(**opts), workers=1, progress=False)
+    meta = corpus.prepare_corpus(data, tok, dest, corpus.DataOptions(**opts), workers=1)
     _, splits = corpus.open_corpus(dest)
     samples = {k: [(i.tolist(), m.astype(bool).tolist()) for i, m in map(v.sample, range(len(v)))]
                for k, v in splits.items()}
