@@ -862,7 +862,8 @@ def train(cfg: TrainConfig, dist: Dist) -> dict:
     before = exact_match(model, data.tokenizer, gen_eval, cfg.template) if gen_eval and run.step == 0 else None
 
     model.train()
-    bad_steps, last, line = 0, {}, Progress("", log_every=0)
+    bad_steps, last = 0, {}
+    line = Progress("", log_every=0)  # the step line: rewritten in place on a terminal, every logged step in a log
     # OUT/metrics.jsonl (rank 0), line-buffered: each line reaches the file as it is written
     metrics = open(out / "metrics.jsonl", "a", buffering=1) if dist.rank == 0 else contextlib.nullcontext()
     with stop_on_signal() as stop, metrics as metrics_f:
