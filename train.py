@@ -309,7 +309,7 @@ def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: t
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.optim == "adamw":
         return torch.optim.AdamW(params, fused=device.type == "cuda", **kw)
-    # imported only for the 8-bit optimizers: importing bitsandbytes loads its native library (seconds);
+    # imported only for the 8-bit optimizers (importing bitsandbytes loads its native library: slow);
     # paged falls back to unpaged memory off CUDA
     import bitsandbytes as bnb
     return (bnb.optim.PagedAdamW8bit if cfg.optim == "paged_adamw_8bit" else bnb.optim.AdamW8bit)(params, **kw)
@@ -742,7 +742,8 @@ def write_outputs(cfg: TrainConfig, run: Run, data: Data, last: dict, gen_eval, 
 # frozen base and all-reduce the adapters' gradients. Each optimizer step's rows are split across ranks,
 # and the loss is normalised by the trained-token count of the whole global batch, so N processes compute
 # exactly the gradient one process computes on the same global batch. torch.distributed's checkpoint and FSDP
-# modules are imported where they are used: importing them takes seconds, and only FSDP runs need them.
+# modules are imported where they are used: they are slow to import (they pull in torch._inductor), and only
+# FSDP runs need them.
 
 
 @dataclass
