@@ -313,7 +313,7 @@ def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: t
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.optim == "adamw":
         return torch.optim.AdamW(params, fused=device.type == "cuda", **kw)
-    # imported only for the 8-bit optimizers: importing bitsandbytes loads its native library (seconds);
+    # imported only for the 8-bit optimizers (importing bitsandbytes loads its native library: slow);
     # paged falls back to unpaged memory off CUDA
     import bitsandbytes as bnb
     return (bnb.optim.PagedAdamW8bit if cfg.optim == "paged_adamw_8bit" else bnb.optim.AdamW8bit)(params, **kw)
@@ -746,7 +746,8 @@ def write_outputs(cfg: TrainConfig, run: Run, data: Data, last: dict, gen_eval, 
 # frozen base and all-reduce the adapters' gradients. Each optimizer step's rows are split across ranks,
 # and the loss is normalised by the trained-token count of the whole global batch, so N processes compute
 # exactly the gradient one process computes on the same global batch. torch.distributed's checkpoint and FSDP
-# modules are imported where they are used: importing them takes seconds, and only FSDP runs need them.
+# modules are imported where they are used: they are slow to import (they pull in torch._inductor), and only
+# FSDP runs need them.
 
 
 @dataclass
@@ -866,7 +867,8 @@ def train(cfg: TrainConfig, dist: Dist) -> dict:
     before = exact_match(model, data.tokenizer, gen_eval, cfg.template) if gen_eval and run.step == 0 else None
 
     model.train()
-    bad_steps, last, line = 0, {}, Progress("", log_every=0)
+    bad_steps, last = 0, {}
+    line = Progress("", log_every=0)  # the step line: rewritten in place on a terminal, every logged step in a log
     # OUT/metrics.jsonl (rank 0), line-buffered: each line reaches the file as it is written
     metrics = open(out / "metrics.jsonl", "a", buffering=1) if dist.rank == 0 else contextlib.nullcontext()
     with stop_on_signal() as stop, metrics as metrics_f:
