@@ -193,14 +193,15 @@ class _Collective:
         self.world, self.bufs, self.rank = world, {}, {}
         self.barrier = threading.Barrier(world, timeout=60)
 
-    def all_reduce(self, t, op=torch.distributed.ReduceOp.SUM, group=None, async_op=False):
-        if op not in (torch.distributed.ReduceOp.SUM, torch.distributed.ReduceOp.AVG):
+    def all_reduce(self, t, op=None, group=None, async_op=False):
+        ops = torch.distributed.ReduceOp
+        if op not in (None, ops.SUM, ops.AVG):
             raise NotImplementedError(op)
         self.bufs[self.rank[threading.get_ident()]] = t.clone()
         self.barrier.wait()
         total = sum(self.bufs[r] for r in range(self.world))
         self.barrier.wait()  # every rank has read the buffers before any rank writes its next one
-        t.copy_(total / self.world if op == torch.distributed.ReduceOp.AVG else total)
+        t.copy_(total / self.world if op == ops.AVG else total)
 
 
 def _step_samples():
