@@ -99,17 +99,23 @@ def make_inputs(work: Path, size: str, dtype: str, lora_dropout: float) -> Path:
     return work
 
 
+def split_of(samples: list[tuple[list[int], list[bool]]]):
+    """(ids, mask) samples in memory as a `llama.corpus.Split`, the form the corpus on disk is read in."""
+    import numpy as np
+
+    from llama import corpus
+    return corpus.Split(ids=np.array([t for ids, _ in samples for t in ids], np.int32),
+                        mask=np.array([m for _, mask in samples for m in mask], np.uint8),
+                        offsets=np.concatenate(([0], np.cumsum([len(ids) for ids, _ in samples]))).astype(np.int64),
+                        targets=np.array([sum(mask[1:]) for _, mask in samples], np.int32))
+
+
 def pack(samples: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
     """(ids, mask) samples packed by the product's own code (llama.corpus: the best-fit-decreasing row plan, then
     build_batch), every row at once: tokens/labels/doc_ids [R, seq_len]. Training builds only the rows each
     micro-batch draws, from the corpus on disk; this is the whole-corpus form, from samples in memory."""
-    import numpy as np
-
     from llama import corpus
-    split = corpus.Split(ids=np.array([t for ids, _ in samples for t in ids], np.int32),
-                         mask=np.array([m for _, mask in samples for m in mask], np.uint8),
-                         offsets=np.concatenate(([0], np.cumsum([len(ids) for ids, _ in samples]))).astype(np.int64),
-                         targets=np.array([sum(mask[1:]) for _, mask in samples], np.int32))
+    split = split_of(samples)
     rows = corpus.make_rows(split, seq_len)
     batch = corpus.build_batch(split, rows, range(len(rows)), seq_len, pad_id)
     return {k: torch.from_numpy(v) for k, v in batch.items()}

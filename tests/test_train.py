@@ -1,9 +1,11 @@
 """train.py: data errors and filters, masks, packing isolation, learning in each mode, the demo (resume equality
 is tested in test_reliability.py)."""
+import copy
 import json
 import math
 import re
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from llama.data import DataError
 from llama.generate import resolve_device_dtype
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from parity import pack  # noqa: E402  (whole-corpus packing by llama.corpus, shared with the parity benchmark)
+from parity import pack, split_of  # noqa: E402  (whole-corpus packing by llama.corpus, shared with the parity benchmark)
 
 DEMO_TOK = train.DEMO / "tiny-llama" / "tokenizer.model"
 
@@ -172,6 +174,140 @@ def test_packed_loss_equals_token_weighted_loss_of_documents(tok):
             count += int((labels != -100).sum())
     assert n == count
     assert abs(packed / n - total / count) < 1e-5
+
+
+# ---- one optimizer step: gradient accumulation and data-parallel ranks against the whole batch at once
+
+
+class _CaptureGrads(torch.optim.Optimizer):
+    """Stands in for the optimizer: records the gradients it is stepped with and changes nothing."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.0})
+        self.grads = None
+
+    def step(self):
+        self.grads = [p.grad.clone() for p in self.param_groups[0]["params"]]
+
+
+class _Collective:
+    """torch.distributed for `world` ranks running in threads: all_reduce leaves every rank's tensor holding the
+    sum (ReduceOp.SUM, the default) or the mean (AVG) over the ranks, as gloo and NCCL do."""
+
+    def __init__(self, world: int):
+        self.world, self.bufs, self.rank = world, {}, {}
+        self.barrier = threading.Barrier(world, timeout=60)
+
+    def all_reduce(self, t, op=None, group=None, async_op=False):
+        ops = torch.distributed.ReduceOp
+        if op not in (None, ops.SUM, ops.AVG):
+            raise NotImplementedError(op)
+        self.bufs[self.rank[threading.get_ident()]] = t.clone()
+        self.barrier.wait()
+        total = sum(self.bufs[r] for r in range(self.world))
+        self.barrier.wait()  # every rank has read the buffers before any rank writes its next one
+        t.copy_(total / self.world if op == ops.AVG else total)
+
+
+def _step_samples():
+    """Eight samples that pack into four full rows of 16 (14+2, 12+4, 10+6, 9+7), with trained masks of
+    different sizes, so micro-batches hold different numbers of trained tokens."""
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for n in (10, 6, 12, 4, 9, 7, 14, 2):
+        ids = torch.randint(3, 64, (n,), generator=g).tolist()
+        start = int(torch.randint(1, n, (), generator=g)) if n > 2 else 1
+        samples.append((ids, [i >= start for i in range(n)]))
+    return samples
+
+
+def _lora_model():
+    from lora import apply_lora
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16,
+                                  max_seq_len=16))
+    apply_lora(model, r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():  # B = 0 would give lora_A no gradient
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.1)
+    return model
+
+
+def _reference_step(model, samples):
+    """Loss and LoRA gradients of the whole batch, each sample run alone through plain cross-entropy: the sum
+    over every trained token of every sample, divided by their count."""
+    model.zero_grad()
+    total, count = 0.0, 0
+    for ids, mask in samples:
+        labels = torch.tensor(sample_labels(ids, mask))
+        total = total + F.cross_entropy(model(torch.tensor([ids]))[0], labels, ignore_index=-100, reduction="sum")
+        count += int((labels != -100).sum())
+    (total / count).backward()
+    return (total / count).item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def _train_step(model, samples, world: int, batch_size: int, grad_accum: int, monkeypatch):
+    """train.train_step on `world` data-parallel ranks (threads, each with its own copy of the model): each
+    rank's (loss, gradients the optimizer got)."""
+    split = split_of(samples)
+    rows = corpus.make_rows(split, 16)
+    assert len(rows) == batch_size * grad_accum * world  # one step is exactly the whole batch
+    cfg = train.TrainConfig(seq_len=16, batch_size=batch_size, grad_accum=grad_accum, max_grad_norm=0.0)
+    data = train.Data(tokenizer=Tokenizer(str(DEMO_TOK)), new_tokens=[], folder=None, train=split, rows=rows,
+                      val=None, val_rows=None, stats={})
+    coll = _Collective(world)
+    monkeypatch.setattr(torch.distributed, "all_reduce", coll.all_reduce)
+    results, errors = [None] * world, []
+
+    def rank_main(rank):
+        coll.rank[threading.get_ident()] = rank
+        try:
+            m = copy.deepcopy(model)
+            params = [p for p in m.parameters() if p.requires_grad]
+            run = train.Run(model=m, params=params, optimizer=_CaptureGrads(params), device=torch.device("cpu"),
+                            dtype=torch.float32, dist=train.Dist(rank=rank, world=world), out=None,
+                            per_step=len(rows), steps_per_epoch=1, total=1)
+            loss, _ = train.train_step(cfg, run, data, lr=1e-3)
+            results[rank] = loss, run.optimizer.grads
+        except BaseException as e:  # noqa: BLE001  the other ranks must not wait for this one
+            errors.append(e)
+            coll.barrier.abort()
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _assert_step_equals_reference(results, ref_loss, ref_grads):
+    for loss, grads in results:
+        assert abs(loss - ref_loss) <= 1e-5 * ref_loss
+        assert len(grads) == len(ref_grads)
+        for g, ref in zip(grads, ref_grads):
+            assert (g - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("batch_size, grad_accum", [(1, 4), (2, 2), (4, 1)])
+def test_train_step_loss_is_normalised_over_the_whole_batch(batch_size, grad_accum, monkeypatch):
+    """Gradient accumulation changes nothing: the step's loss and gradients are those of the whole batch,
+    normalised by all of its trained tokens (not averaged per micro-batch)."""
+    model, samples = _lora_model(), _step_samples()
+    ref_loss, ref_grads = _reference_step(copy.deepcopy(model), samples)
+    _assert_step_equals_reference(_train_step(model, samples, 1, batch_size, grad_accum, monkeypatch),
+                                  ref_loss, ref_grads)
+
+
+def test_two_ranks_all_reduce_to_the_one_process_step(monkeypatch):
+    """Two data-parallel ranks, each with half of the rows and two micro-batches: after the all-reduce of the
+    adapters' gradients every rank holds the gradient one process computes on the whole batch (their sum: the
+    loss is already normalised by the global batch's trained tokens, so a mean would halve it)."""
+    model, samples = _lora_model(), _step_samples()
+    ref_loss, ref_grads = _reference_step(copy.deepcopy(model), samples)
+    _assert_step_equals_reference(_train_step(model, samples, 2, 1, 2, monkeypatch), ref_loss, ref_grads)
 
 
 def test_auto_dtype_is_bf16_on_cpu_only_for_big_checkpoints(tmp_path):
