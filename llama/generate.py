@@ -162,10 +162,13 @@ def add_chat_args(parser: argparse.ArgumentParser) -> None:
     d = ChatOptions()
     g = parser.add_argument_group("generation and chat")
     g.add_argument("--system", default=d.system, help="system prompt (kept by /reset)")
-    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="longest reply, in tokens")
-    g.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature; 0 = greedy")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help="longest reply, in tokens (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=d.temperature,
+                   help="sampling temperature; 0 = greedy (default: %(default)s)")
     g.add_argument("--top-p", type=float, default=d.top_p,
-                   help="nucleus sampling: draw from the most likely tokens that make up this probability mass")
+                   help="nucleus sampling: draw from the most likely tokens that make up this probability mass "
+                   "(default: %(default)s)")
     g.add_argument("--no-history", action="store_true", default=d.no_history,
                    help="answer each message alone (the chat keeps the earlier exchanges by default)")
 
