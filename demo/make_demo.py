@@ -8,7 +8,8 @@ but not the chat format: asked "[INST] What is the opposite of hot? [/INST]" it 
 (`python train.py`, QLoRA) teaches it to answer in one fixed reply format, using pairs from
 `train.jsonl` only; `heldout.jsonl` asks about pairs it never saw in chat form, so an exact-match
 score there measures the format being learned and the base's own knowledge being used, not recall
-of fine-tuning answers.
+of fine-tuning answers. Some training dialogs hold two exchanges about different words, so the
+fine-tuned model answers a conversation's latest question rather than repeating its first answer.
 """
 from __future__ import annotations
 
@@ -56,9 +57,10 @@ def pairs() -> list[tuple[str, str]]:
     return out
 
 
-def dialog(q: str, a: str, b: str) -> dict:
-    return {"messages": [{"role": "user", "content": q.format(a=a)},
-                         {"role": "assistant", "content": ANSWER.format(a=a, b=b)}]}
+def dialog(*exchanges: tuple[str, str, str]) -> dict:
+    """(question form, word, opposite) per exchange -> a chat row."""
+    return {"messages": [m for q, a, b in exchanges for m in (
+        {"role": "user", "content": q.format(a=a)}, {"role": "assistant", "content": ANSWER.format(a=a, b=b)})]}
 
 
 def write_data(rng: random.Random, out: Path, n_heldout: int = 20) -> tuple[list[str], list[tuple[str, str]]]:
@@ -69,11 +71,18 @@ def write_data(rng: random.Random, out: Path, n_heldout: int = 20) -> tuple[list
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "train.jsonl", "w") as f:
         for a, b in directed(train):
-            for q in QUESTIONS:
-                f.write(json.dumps(dialog(q, a, b)) + "\n")
+            for q in QUESTIONS[:2]:
+                f.write(json.dumps(dialog((q, a, b))) + "\n")
+        # The third question about each pair is asked inside a dialog of two exchanges about two pairs (in a
+        # random phrasing): its second answer depends on its second question only. The facts, the number of
+        # questions and (nearly) the tokens are those of three single exchanges per pair.
+        order = directed(train)
+        rng.shuffle(order)
+        for (a, b), (c, d) in zip(order[::2], order[1::2]):
+            f.write(json.dumps(dialog((rng.choice(QUESTIONS), a, b), (rng.choice(QUESTIONS), c, d))) + "\n")
     with open(out / "heldout.jsonl", "w") as f:
         for a, b in directed(held):
-            f.write(json.dumps(dialog(QUESTIONS[0], a, b)) + "\n")
+            f.write(json.dumps(dialog((QUESTIONS[0], a, b))) + "\n")
     text = [form.format(a=a, b=b) for a, b in directed(ps) for form in PRETRAIN_FORMS]
     return text, directed(held)
 

@@ -30,6 +30,7 @@ found offline (`resolve_checkpoint`). The cache is plain folders:
     <cache>/models--{org}--{name}/refs/{branch}      the commit hash that branch points to
     <cache>/models--{org}--{name}/snapshots/{hash}/  the repo's files (symlinks into ../../blobs/)
 """
+import difflib
 import json
 import os
 import pickle
@@ -158,13 +159,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """The checkpoint folder that `path` names. An existing path is returned as is. Otherwise, if it reads
     like a Hugging Face repo id, "org/name" or "org/name@revision" (a branch or tag under refs/, or a commit
     hash), the matching snapshot in the local hub cache (`hub_cache_dirs`; no network). CheckpointError
-    when there is none: it says first that the folder does not exist, then which cache folders it tried."""
+    when there is none: it says first that the folder does not exist, then which cache folders it tried; for a
+    path that reads as local (not a repo id, or its parent folder exists: "demo/tiny_llama") it names the
+    closest folder beside it instead."""
     p = Path(path)
     if p.exists():
         return p
     m = _REPO_ID_RE.match(str(path))
     if m is None or ".." in str(path):
-        raise CheckpointError(f"checkpoint folder {path} does not exist")
+        raise _missing_folder(path)
     org, name, revision = m[1], m[2], m[3] or "main"
     repo_id, partial = f"{org}/{name}", None
     repos = [cache / f"models--{org}--{name}" for cache in hub_cache_dirs()]
@@ -187,11 +190,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
             f"`huggingface-cli download {repo_id} --revision {revision}`, or pass the checkpoint's folder")
     if partial is not None:
         raise partial
+    if p.parent.is_dir():  # a local folder mistyped ("demo/tiny_llama"), not a repo id
+        raise _missing_folder(path)
     raise CheckpointError(f"checkpoint folder {path} does not exist, and {repo_id} is not in the Hugging Face hub "
                           "cache either; looked for:\n" + "".join(f"  {r}\n" for r in repos)
                           + f"Download it with `huggingface-cli download {repo_id}` (the cache folder is "
                           "$HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub), or pass the "
                           "checkpoint's folder")
+
+
+def _missing_folder(path: str | Path) -> CheckpointError:
+    """"does not exist", naming the folder beside it whose name is closest, when one is close (a typo)."""
+    msg, p = f"checkpoint folder {path} does not exist", Path(path)
+    try:
+        names = [d.name for d in p.parent.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    except OSError:  # the parent does not exist either (or cannot be listed)
+        return CheckpointError(msg)
+    near = difflib.get_close_matches(p.name, names, n=1)
+    return CheckpointError(msg + (f"; did you mean {p.parent / near[0]}?" if near else ""))
 
 
 def weights_size(path: str | Path) -> int:

@@ -109,20 +109,27 @@ def iter_rows(path: Path, bad_lines: bool = False) -> Iterator[tuple[int, dict |
                 for n, row in _json_array_rows(path, f):
                     yield n, row
                 return
+            rows = 0
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line.decode("utf-8-sig" if n == 1 else "utf-8"))
+                try:  # without its line end, so that an error at the end of the line has the line's column
+                    row = json.loads(line.decode("utf-8-sig" if n == 1 else "utf-8").rstrip("\r\n"))
                 except UnicodeDecodeError as e:
                     row = DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line)")
                 except json.JSONDecodeError as e:
+                    if not rows and not is_data_file(path):  # e.g. a .csv: say what is read instead
+                        kind = {".csv": "CSV", ".tsv": "TSV"}.get(path.suffix.lower()) or (
+                            f"a {path.suffix} file" if path.suffix else "a file without a suffix")
+                        raise DataError(f"{path}: {kind} is not supported (line {n} is not JSON); data files are "
+                                        f"{', '.join(DATA_SUFFIXES)} or a folder of them") from None
                     row = DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); "
                                     "expected one JSON object per line")
                 except (ValueError, RecursionError) as e:
                     row = DataError(f"{path}:{n}: cannot read the JSON: {_json_limit(e)}")
                 if isinstance(row, DataError) and not bad_lines:
                     raise row
+                rows += 1
                 yield n, row
     except UnicodeDecodeError as e:  # in a .json array (a .jsonl line's is caught above)
         raise DataError(f"{path}:{n + 1}: not UTF-8 text ({e.reason})") from None

@@ -17,8 +17,10 @@ writes the new suffix, holding back while the text ends in an incomplete charact
 """
 import argparse
 import contextlib
+import json
 import sys
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -145,16 +147,57 @@ def reply(model, tokenizer: Tokenizer, messages: list[dict], template: str, max_
     return stream.finish()
 
 
-def chat_loop(model, tokenizer: Tokenizer, template: str, system: str | None = None, max_new_tokens: int = 512,
-              temperature: float = 0.6, top_p: float = 0.9) -> None:
-    """Interactive chat on stdin/stdout, keeping the history; an empty line, /exit or end of input quits.
+@dataclass
+class ChatOptions:
+    """The generation and chat settings that `add_chat_args` turns into flags, shared by `python -m llama.generate`
+    and `train.py --chat`; the defaults are Meta's chat defaults (temperature 0.6, top-p 0.9)."""
+    system: str | None = None
+    max_new_tokens: int = 512
+    temperature: float = 0.6
+    top_p: float = 0.9
+    no_history: bool = False
 
-    An exchange whose reply is empty (the model stopped at once) is left out of the history.
-    """
+
+def add_chat_args(parser: argparse.ArgumentParser) -> None:
+    """Adds the ChatOptions flags (--system, --max-new-tokens, --temperature, --top-p, --no-history), in one group."""
+    d = ChatOptions()
+    g = parser.add_argument_group("generation and chat")
+    g.add_argument("--system", default=d.system, help="system prompt (kept by /reset)")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help="longest reply, in tokens (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=d.temperature,
+                   help="sampling temperature; 0 = greedy (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=d.top_p,
+                   help="nucleus sampling: draw from the most likely tokens that make up this probability mass "
+                   "(default: %(default)s)")
+    g.add_argument("--no-history", action="store_true", default=d.no_history,
+                   help="answer each message alone (the chat keeps the earlier exchanges by default)")
+
+
+def chat_options(args: argparse.Namespace) -> ChatOptions:
+    """The parsed add_chat_args flags, checked; ValueError naming the flag when one is out of range."""
+    opts = ChatOptions(**{f.name: getattr(args, f.name) for f in fields(ChatOptions)})
+    if opts.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {opts.max_new_tokens}")
+    if opts.temperature < 0:
+        raise ValueError(f"--temperature must be 0 (greedy) or more, got {opts.temperature}")
+    if not 0 < opts.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {opts.top_p}")
+    return opts
+
+
+def chat_loop(model, tokenizer: Tokenizer, template: str, options: ChatOptions | None = None) -> None:
+    """Interactive chat on stdin/stdout. Each message is answered in the context of the earlier exchanges
+    (or alone, with `no_history`); `/reset` forgets them (the system prompt stays); an empty line, `/exit` or
+    the end of input quits. An exchange whose reply is empty (the model stopped at once) is left out of the
+    history."""
+    o = options or ChatOptions()
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
-    messages = [{"role": "system", "content": system}] if system else []
-    print(f"chat ({template}); an empty line or /exit quits", flush=True)
+    start = [{"role": "system", "content": o.system}] if o.system else []
+    messages = list(start)
+    mode = "each message is answered alone" if o.no_history else "/reset forgets the conversation"
+    print(f"chat ({template}); {mode}; an empty line or /exit quits", flush=True)
     while True:
         try:
             line = input("> ")
@@ -163,8 +206,14 @@ def chat_loop(model, tokenizer: Tokenizer, template: str, system: str | None = N
             break
         if not line.strip() or line.strip() == "/exit":
             break
+        if line.strip() == "/reset":
+            messages = list(start)
+            print("(conversation cleared" + ("; the system prompt is kept)" if o.system else ")"), flush=True)
+            continue
+        if o.no_history:
+            messages = list(start)
         messages.append({"role": "user", "content": line})
-        text = reply(model, tokenizer, messages, template, max_new_tokens, temperature, top_p)
+        text = reply(model, tokenizer, messages, template, o.max_new_tokens, o.temperature, o.top_p)
         print(flush=True)
         if text.strip():
             messages.append({"role": "assistant", "content": text})
@@ -209,34 +258,56 @@ def load_chat_model(ckpt: str | Path, template: str, device: torch.device, dtype
     return model, tokenizer
 
 
+def adapter_hint(folder: Path) -> str | None:
+    """For a LoRA adapter folder (adapter_config.json, no model config): how to chat with it, naming its base
+    from adapter_config.json's base_model_name_or_path, else from the run_config.json train.py writes beside it.
+    llama/ does not load adapters (lora/ imports llama/, not the other way round), so train.py --chat does."""
+    config = folder / "adapter_config.json"
+    if not config.is_file() or (folder / "params.json").is_file() or (folder / "config.json").is_file():
+        return None
+    base = _json_field(config, "base_model_name_or_path") or _json_field(folder.parent / "run_config.json", "ckpt")
+    return (f"{folder} is a LoRA adapter, not a model; chat with it through "
+            f"`python train.py --chat --ckpt {base or 'BASE'} --adapter {folder}`"
+            + ("" if base else " (BASE: the checkpoint it was trained on)"))
+
+
+def _json_field(file: Path, key: str):
+    """file's top-level `key`, or None when the file is missing, not JSON, or not an object."""
+    try:
+        return json.loads(file.read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llama.generate", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="Meta or Hugging Face checkpoint folder (tokenizer.model in it or "
                    "its parent), or a repo id already in the Hugging Face hub cache (meta-llama/Llama-2-7b-chat-hf)")
-    p.add_argument("--template", default="llama2", choices=TEMPLATES)
+    p.add_argument("--template", default="llama2", choices=TEMPLATES, help="chat template (default: llama2)")
     p.add_argument("--prompt", help="answer this one message and exit; without it, chat interactively")
-    p.add_argument("--system", help="system prompt")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                    help="auto: bf16 on a GPU; on CPU fp32, bf16 for checkpoints over 2 GiB")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    add_chat_args(p)
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     try:  # user errors (a wrong folder, a template the tokenizer cannot express) end with a message, not a trace
+        opts = chat_options(args)
         ckpt = resolve_checkpoint(args.ckpt)  # a folder, or a repo id in the Hugging Face hub cache
+        if (hint := adapter_hint(ckpt)) is not None:
+            raise ValueError(hint)
         device, dtype = resolve_device_dtype(args.device, args.dtype, ckpt)
         model, tokenizer = load_chat_model(ckpt, args.template, device, dtype)
         if args.prompt is None:
-            chat_loop(model, tokenizer, args.template, args.system, args.max_new_tokens, args.temperature, args.top_p)
+            chat_loop(model, tokenizer, args.template, opts)
             return 0
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        messages = ([{"role": "system", "content": opts.system}] if opts.system else []) + [
             {"role": "user", "content": args.prompt}]
-        reply(model, tokenizer, messages, args.template, args.max_new_tokens, args.temperature, args.top_p)
+        reply(model, tokenizer, messages, args.template, opts.max_new_tokens, opts.temperature, opts.top_p)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(flush=True)
     return 0
 

@@ -114,6 +114,33 @@ def test_rows_are_streamed(tmp_path):
         next(rows)
 
 
+def test_json_error_at_the_end_of_a_line_names_its_column(tmp_path):
+    p = tmp_path / "d.jsonl"
+    line = '{"messages": [{"role": "user", "content": "hi"}]'  # 48 characters; the closing brace is missing, so
+    assert len(line) == 48  # the parser stops just past the last one: column 49 (column 1 of an empty next line before)
+    for end in ("\n", "\r\n"):
+        p.write_text(json.dumps(TULU_ROWS[0]) + end + line + end, newline="")
+        with pytest.raises(DataError, match=re.escape(f"{p}:2: not valid JSON (Expecting ',' delimiter at column 49)")):
+            list(iter_rows(p))
+
+
+@pytest.mark.parametrize("name, kind", [("d.csv", "CSV"), ("D.TSV", "TSV"), ("d.txt", "a .txt file"),
+                                        ("d", "a file without a suffix")])
+def test_a_csv_file_is_named_as_such(tmp_path, name, kind):
+    p = tmp_path / name
+    p.write_text("question,answer\nWhat is the opposite of hot?,It is cold.\n")
+    with pytest.raises(DataError) as e:
+        list(read_dialogs(p))
+    assert str(e.value) == (f"{p}: {kind} is not supported (line 1 is not JSON); data files are .jsonl, .json, "
+                            ".jsonl.gz, .json.gz, .parquet or a folder of them")
+    # JSON lines under another suffix still read, and a bad line after good ones is a JSON error of that line.
+    p.write_text(json.dumps(TULU_ROWS[0]) + "\n" + "a,b\n")
+    rows = iter_rows(p)
+    assert next(rows) == (1, TULU_ROWS[0])
+    with pytest.raises(DataError, match=re.escape(f"{p}:2: not valid JSON (Expecting value at column 1)")):
+        next(rows)
+
+
 def test_byte_order_mark(tmp_path):
     """Some editors start UTF-8 files with a byte order mark."""
     p = tmp_path / "d.jsonl"

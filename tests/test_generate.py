@@ -1,6 +1,7 @@
 """Generation: KV-cache decoding against recomputing the whole forward each step, nucleus sampling against
 hand-computed distributions, stop tokens, streaming text, and the `python -m llama.generate` CLI end to end."""
 import io
+import json
 import math
 import sys
 
@@ -179,8 +180,8 @@ def test_cli_prompt(ckpt, capsys):
     assert capsys.readouterr().out == want + "\n"
 
 
-def test_cli_chat_loop_keeps_history(ckpt, monkeypatch, capsys):
-    folder, _ = ckpt
+def spy_generate(monkeypatch) -> tuple[list, list]:
+    """Records the prompt ids each reply is generated from, and the ids generated."""
     prompts, outputs = [], []
     real = gen.generate
 
@@ -190,6 +191,12 @@ def test_cli_chat_loop_keeps_history(ckpt, monkeypatch, capsys):
         return outputs[-1:]
 
     monkeypatch.setattr(gen, "generate", spy)
+    return prompts, outputs
+
+
+def test_cli_chat_loop_keeps_history(ckpt, monkeypatch, capsys):
+    folder, _ = ckpt
+    prompts, outputs = spy_generate(monkeypatch)
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\nAnd then?\n\nnever read\n"))
     main(["--ckpt", str(folder), "--template", "tulu", "--temperature", "0", "--max-new-tokens", "8"])
     assert len(prompts) == 2  # the empty line ended the chat
@@ -202,7 +209,73 @@ def test_cli_chat_loop_keeps_history(ckpt, monkeypatch, capsys):
     assert prompts[1] == encode_chat(tok, history, "tulu", add_generation_prompt=True)[0]
 
 
-def test_cli_template_needs_tokens(ckpt):
+def test_cli_chat_reset_keeps_the_system_prompt_and_exit_quits(ckpt, monkeypatch, capsys):
     folder, _ = ckpt
-    with pytest.raises(SystemExit, match="needs the special tokens"):
-        main(["--ckpt", str(folder), "--template", "chatml", "--prompt", "hi"])
+    prompts, outputs = spy_generate(monkeypatch)
+    lines = "Hello there\nAnd then?\n/reset\nWhat now?\nOne more\n /exit \nnever read\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+    assert main(["--ckpt", str(folder), "--system", "Be brief.", "--temperature", "0", "--max-new-tokens", "6"]) == 0
+    tok = Tokenizer(folder / "tokenizer.model")
+    system = {"role": "system", "content": "Be brief."}
+    user = lambda text: {"role": "user", "content": text}  # noqa: E731
+    said = lambda i: {"role": "assistant", "content": tok.decode(outputs[i])}  # noqa: E731
+    want = [[system, user("Hello there")], [system, user("Hello there"), said(0), user("And then?")],
+            [system, user("What now?")], [system, user("What now?"), said(2), user("One more")]]
+    assert all(o for o in outputs)  # every reply joined the history (an empty one would not)
+    assert prompts == [encode_chat(tok, m, "llama2", add_generation_prompt=True)[0] for m in want]
+    assert "(conversation cleared; the system prompt is kept)" in capsys.readouterr().out
+
+
+def test_cli_chat_no_history_answers_each_message_alone(ckpt, monkeypatch):
+    folder, _ = ckpt
+    prompts, _ = spy_generate(monkeypatch)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\nAnd then?\n"))  # ends at the end of input
+    main(["--ckpt", str(folder), "--template", "tulu", "--no-history", "--temperature", "0", "--max-new-tokens", "6"])
+    tok = Tokenizer(folder / "tokenizer.model")
+    assert prompts == [encode_chat(tok, [{"role": "user", "content": q}], "tulu", add_generation_prompt=True)[0]
+                       for q in ("Hello there", "And then?")]
+
+
+def test_chat_flags_and_their_defaults():
+    """The flags train.py --chat shares with python -m llama.generate; the defaults are Meta's (0.6, 0.9)."""
+    import argparse
+    p = argparse.ArgumentParser()
+    gen.add_chat_args(p)
+    assert gen.chat_options(p.parse_args([])) == gen.ChatOptions(system=None, max_new_tokens=512, temperature=0.6,
+                                                                 top_p=0.9, no_history=False)
+    args = p.parse_args(["--system", "S", "--max-new-tokens", "7", "--temperature", "0", "--top-p", "0.5",
+                         "--no-history"])
+    assert gen.chat_options(args) == gen.ChatOptions("S", 7, 0.0, 0.5, True)
+
+
+@pytest.mark.parametrize("flag, value", [("--top-p", "0"), ("--top-p", "1.5"), ("--temperature", "-1"),
+                                         ("--max-new-tokens", "0")])
+def test_cli_flag_out_of_range(ckpt, capsys, flag, value):
+    folder, _ = ckpt
+    assert main(["--ckpt", str(folder), "--prompt", "hi", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flag} must be") and err.count("\n") == 1
+
+
+def test_cli_template_needs_tokens(ckpt, capsys):
+    folder, _ = ckpt
+    assert main(["--ckpt", str(folder), "--template", "chatml", "--prompt", "hi"]) == 2
+    assert "needs the special tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("base_in", ["adapter_config", "run_config", "nowhere"])
+def test_cli_adapter_folder_says_how_to_chat_with_it(tmp_path, capsys, base_in):
+    """An adapter folder has no model to load: the error says to use train.py --chat with its base."""
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    config = {"peft_type": "LORA", "base_model_name_or_path": "/models/base" if base_in == "adapter_config" else None}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    if base_in == "run_config":
+        (tmp_path / "run" / "run_config.json").write_text(json.dumps({"ckpt": "/models/base", "template": "llama2"}))
+    assert main(["--ckpt", str(adapter)]) == 2
+    err = capsys.readouterr().err
+    base = "BASE" if base_in == "nowhere" else "/models/base"
+    assert err.startswith(f"error: {adapter} is a LoRA adapter, not a model; chat with it through "
+                          f"`python train.py --chat --ckpt {base} --adapter {adapter}`")
+    assert err.count("\n") == 1

@@ -146,8 +146,29 @@ def test_nonexistent_folder_is_said_first(clean_env, tiny_train_ckpt, capsys):
     cap = capsys.readouterr()
     assert rc == 2 and cap.out == ""  # nothing else is said before the error
     assert cap.err == f"error: checkpoint folder {missing} does not exist\n"
-    with pytest.raises(SystemExit, match=rf"^error: checkpoint folder {re.escape(str(missing))} does not exist$"):
-        generate_cli.main(["--ckpt", str(missing), "--prompt", "hi"])
+    assert generate_cli.main(["--ckpt", str(missing), "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err == f"error: checkpoint folder {missing} does not exist\n"
+
+
+def test_a_mistyped_local_folder_is_named_not_looked_up_in_the_cache(cache, tiny_train_ckpt, monkeypatch, capsys):
+    """A path whose parent folder exists is a local folder, whatever it looks like: the error names the closest
+    folder beside it, not a hub download. An org/name whose org is no local folder is still looked up."""
+    monkeypatch.chdir(cache.parent)
+    for d in ("demo/tiny-llama", "demo/data", "llama-2-7b"):
+        Path(d).mkdir(parents=True)
+    for typo, near in [("demo/tiny_llama", "demo/tiny-llama"), ("./demo/tinyllama", "demo/tiny-llama"),
+                       ("llama-2-7", "llama-2-7b"), (f"{cache.parent}/llama_2_7b", f"{cache.parent}/llama-2-7b")]:
+        with pytest.raises(CheckpointError) as e:
+            resolve_checkpoint(typo)
+        assert str(e.value) == f"checkpoint folder {typo} does not exist; did you mean {near}?"
+    with pytest.raises(CheckpointError, match=r"^checkpoint folder demo/zzz does not exist$"):  # nothing close
+        resolve_checkpoint("demo/zzz")
+    with pytest.raises(CheckpointError, match="huggingface-cli download test-org/Tiny-Llama-3-hf"):
+        resolve_checkpoint("test-org/Tiny-Llama-3-hf")
+    assert train.main(["--ckpt", "demo/tiny_llama", "--data", str(tiny_train_ckpt / "data.jsonl")]) == 2
+    assert generate_cli.main(["--ckpt", "demo/tiny_llama"]) == 2
+    want = "error: checkpoint folder demo/tiny_llama does not exist; did you mean demo/tiny-llama?\n"
+    assert capsys.readouterr().err == want * 2
 
 
 def test_train_and_generate_take_a_repo_id(cache, tiny_train_ckpt, tmp_path, capsys):

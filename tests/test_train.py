@@ -387,13 +387,15 @@ def test_demo_learns_the_reply_format(tmp_path):
     assert result["exact_match_before"] <= 0.1
     assert result["exact_match_after"] >= 0.6
     assert (out / "adapter" / "adapter_model.safetensors").exists()
-    # talking to the result: base + adapter, quantized, in the run's template (read from run_config.json)
+    # talking to the result: base + adapter, quantized, in the run's template (read from run_config.json); the
+    # second answer is about the second question (the demo data has two-exchange dialogs), not a repeat
     import subprocess
     import sys
     r = subprocess.run([sys.executable, "train.py", "--chat", "--ckpt", str(train.DEMO / "tiny-llama"), "--adapter",
-                        str(out / "adapter"), "--quant", "nf4"], input="What is the opposite of hot?\n\n",
+                        str(out / "adapter"), "--quant", "nf4"],
+                       input="What is the opposite of hot?\nWhat is the opposite of happy?\n\n",
                        cwd=train.ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "It is cold." in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "> It is cold.\n> It is sad.\n" in r.stdout, r.stdout + r.stderr
 
 
 @pytest.mark.slow
