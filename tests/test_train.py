@@ -235,6 +235,37 @@ def test_loss_decreases(tmp_path, tiny_ckpt, mode, capsys):
     assert (out / ("model" if "--full" in mode else "adapter")).exists()
 
 
+@pytest.mark.parametrize("quant, layout", [("none", "hf"), ("nf4", "hf"), ("nf4", "meta")])
+def test_merge_output_reproduces_the_trained_model(tmp_path, tiny_ckpt, monkeypatch, quant, layout):
+    """--merge: OUT/merged, loaded by llama.load_model (and for the HF layout by transformers), gives the logits
+    the trained model (base, NF4 for QLoRA, + adapters) gave in memory just before it was merged."""
+    from transformers import LlamaForCausalLM
+
+    from llama import load_model
+    tokens = torch.randint(0, Tokenizer(str(DEMO_TOK)).n_words, (2, 20), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    real_merge = train.lora.merge_lora
+
+    def record_then_merge(model):
+        model.eval()
+        with torch.no_grad():
+            seen["logits"] = model(tokens)
+        return real_merge(model)
+
+    monkeypatch.setattr(train.lora, "merge_lora", record_then_merge)
+    _, out = run(tmp_path, tiny_ckpt, "--max-steps", "3", "--lr", "1e-2", "--quant", quant, "--merge",
+                 "--merge-layout", layout)
+    want = seen["logits"]
+    with torch.no_grad():
+        base = load_model(tiny_ckpt, dtype=torch.float32)(tokens)
+        assert (want - base).abs().max() > 1e-2  # training changed the model
+        ours = load_model(out / "merged", dtype=torch.float32)(tokens)
+        assert (ours - want).abs().max().item() < 1e-4
+        if layout == "hf":
+            hf = LlamaForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
+            assert (hf(tokens).logits - want).abs().max().item() < 1e-4
+
+
 @pytest.mark.slow
 def test_demo_learns_the_reply_format(tmp_path):
     """The README's first command, with fewer epochs: QLoRA on the bundled tiny Llama takes held-out
