@@ -171,7 +171,7 @@ class Crash(Exception):
     """What the test raises inside a run to stop it mid-training, as a crash would."""
 
 
-def test_crash_then_resume_equals_uninterrupted_in_process(tmp_path, ckpt, monkeypatch):
+def test_crash_then_resume_equals_uninterrupted_in_process(tmp_path, ckpt, monkeypatch, one_thread):
     """The fast form of the SIGKILL test: LoRA with dropout on, checkpoints every 2 steps; a run that dies in step
     6 (steps 1-5 logged, checkpoint-4 the last) and is then resumed to step 8 logs the uninterrupted run's losses
     and writes its adapter byte for byte. The resume must restore the adapter weights, AdamW's moments and

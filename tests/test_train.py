@@ -278,7 +278,7 @@ def test_loss_decreases(tmp_path, mode, capsys):
 
 
 @pytest.mark.parametrize("quant, layout", [("none", "hf"), ("nf4", "hf"), ("nf4", "meta")])
-def test_merge_output_reproduces_the_trained_model(tmp_path, tiny_ckpt, monkeypatch, quant, layout):
+def test_merge_output_reproduces_the_trained_model(tmp_path, tiny_ckpt, monkeypatch, quant, layout, one_thread):
     """--merge: OUT/merged, loaded by llama.load_model (and for the HF layout by transformers), gives the logits
     the trained model (base, NF4 for QLoRA, + adapters) gave in memory just before it was merged."""
     from transformers import LlamaForCausalLM
