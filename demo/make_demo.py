@@ -105,8 +105,9 @@ def train_tokenizer(text: list[str], out: Path, vocab_size: int = 1024) -> None:
 
 
 def pretrain(text: list[str], tok_path: Path, steps: int, seed: int) -> Transformer:
+    sys.path.insert(0, str(ROOT.parent / "benchmarks"))
     from llama import Tokenizer
-    from train import loss_sum, pack
+    from parity import pack  # the product's packing of samples held in memory (training reads them from disk)
     tok = Tokenizer(str(tok_path))
     samples = [(tok.encode(t, bos=True, eos=True), [True] * len(tok.encode(t, bos=True, eos=True))) for t in text]
     args = ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words, multiple_of=32,
@@ -125,7 +126,7 @@ def pretrain(text: list[str], tok_path: Path, steps: int, seed: int) -> Transfor
         for g in opt.param_groups:
             g["lr"] = lr
         labels = rows["labels"][idx]
-        loss = loss_sum(model, rows["tokens"][idx], labels, rows["doc_ids"][idx]) / (labels != -100).sum()
+        loss = model(rows["tokens"][idx], rows["doc_ids"][idx], labels=labels) / (labels != -100).sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -86,6 +86,16 @@ def llama2_tokenizer_path() -> Path:
 DEMO_TOKENIZER = ROOT / "demo" / "tiny-llama" / "tokenizer.model"
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread for the test: on a tiny model more threads only add synchronisation, which
+    costs more than the work (many times more on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_train_ckpt(tmp_path_factory) -> Path:
     """A random tiny Llama (GQA) in Meta layout with the demo's tokenizer, and `data.jsonl` (20 chats) beside

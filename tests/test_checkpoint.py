@@ -141,10 +141,26 @@ def test_hf_tied_embeddings(tmp_path):
     assert model.output.weight.data_ptr() != model.tok_embeddings.weight.data_ptr()  # untied copies
 
 
-def test_dtype_and_eval_mode(tmp_path, hf):
-    model = load_model(write_meta(tmp_path / "m", meta_state_dict(hf)), dtype=torch.bfloat16)
-    assert all(p.dtype == torch.bfloat16 for p in model.parameters()) and not model.training
+def test_dtype_and_eval_mode(tmp_path, hf, ref_logits):
+    """dtype=bf16: every weight is the file's fp32 value rounded to bf16 (nothing else changed it), the RoPE
+    tables stay fp32, the model is in eval mode, and its logits are transformers' fp32 ones within bf16's
+    precision (a few 2^-8 steps of the logits' scale)."""
+    sd = meta_state_dict(hf)
+    model = load_model(write_meta(tmp_path / "m", sd), dtype=torch.bfloat16)
+    assert not model.training
+    params = dict(model.named_parameters())
+    assert set(params) == set(sd)
+    for name, p in params.items():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, sd[name].to(torch.bfloat16)), name
     assert model.rope_cos.dtype == torch.float32 and model.rope_cos.device.type == "cpu"
+    D = DIM // HEADS  # angle[p, i] = p * theta^(-2i / D), the first 128 positions (fp32 angles stay exact there)
+    angle = torch.arange(128.0, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, D, 2) / D)
+    assert torch.allclose(model.rope_cos[:128].double(), angle.cos(), atol=1e-5)
+    assert torch.allclose(model.rope_sin[:128].double(), angle.sin(), atol=1e-5)
+    out = logits(model)
+    assert out.dtype == torch.bfloat16
+    err = (out.float() - ref_logits).abs().max().item()
+    assert err < 8 * 2**-8 * ref_logits.abs().max().item(), err
 
 
 def test_parameters_do_not_alias_the_files(tmp_path, hf, ref_logits):
@@ -157,6 +173,36 @@ def test_parameters_do_not_alias_the_files(tmp_path, hf, ref_logits):
             with open(f, "r+b") as fh:
                 fh.write(b"\x00" * f.stat().st_size)
         assert (logits(model) - ref_logits).abs().max().item() < 1e-4, folder.name
+
+
+@pytest.mark.parametrize("heads, kv_heads, dim", [(4, 4, 64), (8, 1, 128)], ids=["no-GQA", "GQA-8"])
+def test_qk_permutation_without_gqa_and_at_70b_ratio(tmp_path, heads, kv_heads, dim):
+    """HF's rotary row order permutes wq within each of n_heads heads and wk within each of n_kv_heads heads.
+    The models above use GQA 4/2; here the two other Llama-2 shapes: no GQA (7B, 13B: n_kv_heads = n_heads)
+    and 70B's ratio (64 query heads on 8 K/V heads: 8 per K/V head). An HF folder loads to transformers'
+    logits, and the Meta folder of the same weights exported in HF layout loads in transformers to them too."""
+    torch.manual_seed(3)
+    hidden = 32 * -(-int(8 * dim / 3) // 32)  # Meta's FFN size for multiple_of 32 (params.json has no hidden size)
+    hf = LlamaForCausalLM(hf_config(hidden_size=dim, intermediate_size=hidden, num_attention_heads=heads,
+                                    num_key_value_heads=kv_heads)).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+        want = hf(TOKENS).logits
+    hf.save_pretrained(tmp_path / "hf")
+    model = load_model(tmp_path / "hf", dtype=torch.float32)
+    assert (model.args.n_heads, model.args.n_kv_heads) == (heads, kv_heads)
+    assert (logits(model) - want).abs().max().item() < 1e-4
+
+    meta = write_meta(tmp_path / "meta", hf_to_meta_state_dict(hf, heads, kv_heads), dim=dim, n_heads=heads,
+                      n_kv_heads=None if kv_heads == heads else kv_heads)  # 7B/13B params.json: no n_kv_heads
+    model = load_model(meta, dtype=torch.float32)
+    assert model.args.n_kv_heads == kv_heads and (logits(model) - want).abs().max().item() < 1e-4
+    save_model(model, tmp_path / "export", layout="hf")
+    back = LlamaForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        assert (back.eval()(TOKENS).logits - want).abs().max().item() < 1e-4
 
 
 # ---- saving

@@ -211,6 +211,66 @@ def test_show_samples_marks_the_trained_span(tmp_path, tok, capsys):
     assert "<s> [INST] What is the opposite of hot? [/INST][[" in shown
 
 
+CHATML_DIALOGS = [  # (system or None, [(user, assistant), ...])
+    ("Be brief.", [("What is the opposite of hot?", "Cold."), ("And of up?", "Down, of course.")]),
+    (None, [("Name a colour.", "Blue"), ("Another one?", "Red is another."), ("Thanks!", "You are welcome.")]),
+    ("You answer in one word.", [("Capital of France?", "Paris"), ("Two plus two?", "Four")]),
+    (None, [("hi", "Hello! How can I help you today?"), ("Write a short poem about the sea.",
+                                                         "The sea is wide and deep and blue.")]),
+    (None, [("Is the dog lazy?", "Yes, the quick brown fox jumps over it."), ("Why?", "It is tired."),
+            ("ok", "ok")]),
+]
+
+
+def test_chatml_corpus_trains_exactly_the_replies_and_end_tokens(tmp_path):
+    """ChatML on a base tokenizer (train.py adds <|im_start|> and <|im_end|>), multi-turn dialogs prepared by
+    --prepare-data and packed into rows as training draws them: the trained labels of each packed document are
+    exactly its assistant replies, each followed by <|im_end|> (strings written here), and each document
+    (doc_ids) is exactly one dialog, in the ChatML text written here, starting with BOS."""
+    rows = []
+    for system, exchanges in CHATML_DIALOGS:
+        msgs = [{"role": "system", "content": system}] if system else []
+        for user, reply in exchanges:
+            msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        rows.append({"messages": msgs})
+    p = write_jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "out"
+    assert train.main(["--ckpt", str(tok_only_ckpt(tmp_path)), "--data", str(p), "--out", str(out), "--template",
+                       "chatml", "--seq-len", "256", "--prepare-data"]) == 0
+    tok = Tokenizer(str(DEMO_TOK))
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    split = corpus.open_corpus(out / "data", tok)[1]["train"]
+    plan = corpus.make_rows(split, 256)
+    batch = corpus.build_batch(split, plan, range(len(plan)), 256, pad_id=tok.eos_id)
+    assert len(plan) < len(CHATML_DIALOGS)  # some rows hold several dialogs
+
+    def chatml_text(system, exchanges):
+        parts = [f"<|im_start|>system\n{system}<|im_end|>"] if system else []
+        for user, reply in exchanges:
+            parts += [f"<|im_start|>user\n{user}<|im_end|>", f"<|im_start|>assistant\n{reply}<|im_end|>"]
+        return "\n".join(parts)
+
+    want = sorted((chatml_text(sy, ex), tuple(r + "<|im_end|>" for _, r in ex)) for sy, ex in CHATML_DIALOGS)
+    got = []
+    for tokens, labels, doc_ids in zip(batch["tokens"].tolist(), batch["labels"].tolist(), batch["doc_ids"].tolist()):
+        starts = [0] + [i for i in range(1, 256) if doc_ids[i] != doc_ids[i - 1]] + [256]
+        for a, b in zip(starts[:-1], starts[1:]):
+            doc, lab = tokens[a:b], labels[a:b]
+            if doc[0] != tok.bos_id:  # the padded tail: nothing trained, nothing after it
+                assert b == 256 and set(lab) == {-100}
+                continue
+            assert tok.bos_id not in doc[1:] and lab[-1] == -100  # one dialog; its last token predicts nothing
+            runs, run = [], []  # consecutive trained labels: one reply and its end token each
+            for x in lab + [-100]:
+                if x != -100:
+                    run.append(x)
+                elif run:
+                    runs.append(tok.decode(run))
+                    run = []
+            got.append((tok.decode(doc[1:]), tuple(runs)))
+    assert sorted(got) == want
+
+
 @pytest.mark.slow
 def test_prepared_folder_trains_like_raw_files(tmp_path, tiny_train_ckpt):
     """--prepare-data on a CPU box, then --data <prepared folder>: the same losses as a run from the raw file,

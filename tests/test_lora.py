@@ -141,27 +141,57 @@ def test_dropout_plan_is_independent_bernoulli(p, gaps):
     assert other.shape != plan.shape or not torch.equal(plan, other)
 
 
+def bf16(t: torch.Tensor) -> torch.Tensor:
+    """t rounded to bf16, held in fp64."""
+    return t.detach().to(torch.bfloat16).double()
+
+
+def within_bf16_ulp(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Every element within one bf16 step (2^-7 of its magnitude at most) of the fp64 reference."""
+    return bool(((got.double() - want).abs() <= 2**-7 * want.abs() + 1e-30).all())
+
+
 def test_bf16_autocast_and_bf16_base():
+    """Under bf16 autocast (fp32 base) and over a bf16 base: y and every gradient against the formula computed in
+    fp64 from the bf16-rounded operands, rounded where the module documents it (the base output and h = x @ A.T
+    in the base's dtype, then out + s * h @ B.T rounded once), within one bf16 step. A LoRA scale of 1.9 or 2.1
+    instead of s = 16 / 8 = 2 moves the LoRA term, which dominates here (B ~ N(0, 1)), by 5%: several steps."""
     torch.manual_seed(0)
     base = nn.Linear(32, 24, bias=False).requires_grad_(False)
     m = LoRALinear(base, r=8, alpha=16, dropout=0.0)
     with torch.no_grad():
         m.lora_B.normal_()
     x = torch.randn(4, 32, requires_grad=True)
-    ref = base(x) + 2.0 * (x @ m.lora_A.T) @ m.lora_B.T
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = m(x)
     assert y.dtype == torch.bfloat16
-    y.float().sum().backward()
+    g = torch.randn(y.shape)
+    y.float().backward(g)
     assert m.lora_A.grad.dtype == torch.float32 and m.lora_B.grad.dtype == torch.float32
     assert x.grad.dtype == torch.float32
-    torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.05)
 
-    m16 = LoRALinear(nn.Linear(32, 24, bias=False).to(torch.bfloat16).requires_grad_(False), r=8)
-    y16 = m16(x.detach().to(torch.bfloat16))
-    y16.float().sum().backward()
+    xb, W, A, B, gb = bf16(x), bf16(base.weight), bf16(m.lora_A), bf16(m.lora_B), bf16(g)
+    h = bf16(xb @ A.T)                                  # [4, 8]
+    lora_term = 2.0 * h @ B.T
+    want = bf16(bf16(xb @ W.T) + lora_term)
+    assert within_bf16_ulp(y, want)
+    assert (0.05 * lora_term.abs() > 2**-6 * want.abs()).float().mean() > 0.8  # a 5% scale error: > 2 steps
+    gh = 2.0 * bf16(gb @ B)                             # dL/dh, [4, 8] (x2 is exact)
+    assert within_bf16_ulp(m.lora_B.grad, 2.0 * bf16(gb.T @ h))
+    assert within_bf16_ulp(m.lora_A.grad, bf16(gh.T @ xb))
+    lora_gx, base_gx = bf16(gh @ A), bf16(gb @ W)      # the adapter's and the base's input gradients
+    assert ((x.grad.double() - lora_gx - base_gx).abs() <= 2**-7 * (lora_gx.abs() + base_gx.abs())).all()
+
+    base16 = nn.Linear(32, 24, bias=False).to(torch.bfloat16).requires_grad_(False)
+    m16 = LoRALinear(base16, r=8)
+    x16 = x.detach().to(torch.bfloat16)
+    y16 = m16(x16)
+    y16.float().backward(g)
     assert y16.dtype == torch.bfloat16 and m16.lora_A.dtype == torch.float32
-    assert m16.lora_A.grad.abs().sum() == 0 and m16.lora_B.grad.abs().sum() > 0  # B = 0: dL/dA = 0
+    assert torch.equal(y16, base16(x16))  # B = 0: the adapter adds exactly nothing
+    assert m16.lora_A.grad.abs().sum() == 0  # B = 0: dL/dA = 0
+    h16 = bf16(bf16(x16) @ bf16(m16.lora_A).T)  # dL/dB = s * g.T @ h, s = 32 / 8 (the defaults)
+    assert within_bf16_ulp(m16.lora_B.grad, 4.0 * bf16(gb.T @ h16))
 
 
 def test_merge_unmerge_round_trip():
@@ -473,3 +503,41 @@ def test_dropout_masks_replay_under_grad_checkpointing():
     for n, g in grads[0].items():
         assert g.abs().max() > 0
         torch.testing.assert_close(grads[1][n], g, atol=1e-7, rtol=1e-6)
+
+
+def test_rslora_adapter_round_trips_through_peft_ours_and_a_merged_export(hf_dir, tokens, tmp_path):
+    """rsLoRA (s = alpha / sqrt(r)) at r 16: s = 32 / 4 = 8 where plain LoRA's alpha / r is 2, so an adapter read
+    with the wrong rule is applied 4x too weakly. Our saved adapter must reproduce our logits in PEFT (on
+    transformers' model) and in a fresh model of ours, and the merged export in transformers."""
+    model = our_model(hf_dir)
+    apply_lora(model, r=16, alpha=32, dropout=0.05, targets=TARGETS, rslora=True)
+    assert all(m.scale == 8.0 for m in model.modules() if isinstance(m, LoRALinear))
+    randomize_adapters(model, seed=7, std=0.05)
+    want = our_logits(model.eval(), tokens)
+    assert (want - hf_logits(hf_model(hf_dir), tokens)).abs().max() > 0.1  # the adapter matters
+    for m in model.modules():  # and read at plain LoRA's scale, a quarter of it, it gives other logits
+        if isinstance(m, LoRALinear):
+            m.scale = 2.0
+    assert (our_logits(model, tokens) - want).abs().max() > 0.05
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.scale = 8.0
+    save_adapter(model, tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["use_rslora"] is True and cfg["r"] == 16 and cfg["lora_alpha"] == 32
+
+    peft = PeftModel.from_pretrained(hf_model(hf_dir), tmp_path / "adapter").eval()
+    diff = (hf_logits(peft, tokens) - want).abs().max().item()
+    print(f"our rsLoRA adapter -> PEFT: max |logit diff| {diff:.2e}")
+    assert diff < 1e-4
+
+    fresh = our_model(hf_dir)
+    load_adapter(fresh, tmp_path / "adapter")
+    assert fresh.lora_config["rslora"] and fresh.lora_config["r"] == 16
+    torch.testing.assert_close(our_logits(fresh.eval(), tokens), want, atol=1e-4, rtol=0)
+
+    merge_lora(model)
+    save_model(model, tmp_path / "merged", layout="hf")
+    diff = (hf_logits(hf_model(tmp_path / "merged"), tokens) - want).abs().max().item()
+    print(f"merged rsLoRA, HF layout, transformers vs our adapted model: max |logit diff| {diff:.2e}")
+    assert diff < 1e-4

@@ -127,6 +127,42 @@ def test_packed_documents_are_isolated(pair):
     assert s == T
 
 
+@pytest.mark.skipif(M.create_block_mask is None, reason="this torch has no flex_attention")
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_mask_and_training_loss_isolate_documents(pair, monkeypatch):
+    """The flex_attention path (CUDA's packing; forced here on CPU), two more ways than the logits above: its
+    mask, evaluated at every (query, key), is exactly causal AND same-document (written out here); and the
+    training forward (labels=) of a packed batch gives the summed loss of its documents run one by one with
+    plain cross-entropy."""
+    _, ours = pair
+    monkeypatch.setattr(M, "USE_FLEX", True)
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, 3], [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]])
+    mask = M.packed_mask(doc_ids)
+    assert isinstance(mask, M.BlockMask)
+    B, T = doc_ids.shape
+    for b in range(B):
+        got = mask.mask_mod(torch.tensor(b), torch.tensor(0), torch.arange(T)[:, None], torch.arange(T)[None])
+        d = doc_ids[b].tolist()
+        assert got.tolist() == [[k <= q and d[k] == d[q] for k in range(T)] for q in range(T)]
+
+    g = torch.Generator().manual_seed(4)
+    lens = [[6, 9, 5], [12, 8]]
+    docs = [[torch.randint(0, VOCAB, (n,), generator=g) for n in row] for row in lens]
+    tokens = torch.stack([torch.cat(row) for row in docs])
+    doc_ids = torch.tensor([[i for i, n in enumerate(row) for _ in range(n)] for row in lens])
+    labels = torch.full_like(tokens, -100)  # next-token targets inside each document
+    s = [0, 0]
+    for r, row in enumerate(docs):
+        for d in row:
+            labels[r, s[r]: s[r] + len(d) - 1] = d[1:]
+            s[r] += len(d)
+    with torch.no_grad():  # (flex_attention has no backward on CPU)
+        packed = ours(tokens, doc_ids, labels=labels).item()
+        monkeypatch.setattr(M, "USE_FLEX", None)
+        alone = sum(F.cross_entropy(ours(d[None])[0, :-1], d[1:], reduction="sum").item() for row in docs for d in row)
+    assert abs(packed - alone) < 1e-4 * alone
+
+
 def test_kv_cache_matches_full_forward(pair):
     _, ours = pair
     tokens = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(3))

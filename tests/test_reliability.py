@@ -167,6 +167,40 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path, ckpt):
     assert adapter_bytes(out) == adapter_bytes(ref)
 
 
+class Crash(Exception):
+    """What the test raises inside a run to stop it mid-training, as a crash would."""
+
+
+def test_crash_then_resume_equals_uninterrupted_in_process(tmp_path, ckpt, monkeypatch, one_thread):
+    """The fast form of the SIGKILL test: LoRA with dropout on, checkpoints every 2 steps; a run that dies in step
+    6 (steps 1-5 logged, checkpoint-4 the last) and is then resumed to step 8 logs the uninterrupted run's losses
+    and writes its adapter byte for byte. The resume must restore the adapter weights, AdamW's moments and
+    step count, every RNG (dropout masks) and drop the metrics lines logged after the checkpoint."""
+    steps = ["--max-steps", "8", "--save-every", "2", "--save-total-limit", "3"]
+    ref = tmp_path / "ref"
+    assert train.main(args(ckpt, ref, *steps)) == 0
+
+    real, calls = train.loss_sum, {"n": 0}
+
+    def crash_in_step_6(*a, **kw):  # --grad-accum 2: two micro-batches per step
+        calls["n"] += 1
+        if calls["n"] == 2 * 5 + 1:
+            raise Crash
+        return real(*a, **kw)
+
+    out = tmp_path / "crashed"
+    monkeypatch.setattr(train, "loss_sum", crash_in_step_6)
+    with pytest.raises(Crash):
+        train.main(args(ckpt, out, *steps))
+    monkeypatch.setattr(train, "loss_sum", real)
+    assert train.list_checkpoints(out) == [2, 4] and [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5]
+    assert train.main(args(ckpt, out, *steps, "--resume")) == 0
+    losses = [m["loss"] for m in metrics(out)]
+    assert [m["step"] for m in metrics(out)] == list(range(1, 9)) and len(set(losses)) == 8
+    assert losses == [m["loss"] for m in metrics(ref)]
+    assert adapter_bytes(out) == adapter_bytes(ref)
+
+
 class _RunsCode:
     """Unpickling this calls Path.touch(marker): what a tampered checkpoint would make a plain torch.load do."""
 

@@ -8,6 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -148,10 +149,10 @@ def test_pack_rows_are_full_and_complete():
     assert lower <= len(rows["tokens"]) <= len(ffd)
 
 
-def tiny_model(vocab: int, seed: int = 0) -> Transformer:
+def tiny_model(vocab: int, seed: int = 0, multiple_of: int = 16) -> Transformer:
     torch.manual_seed(seed)
-    return Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, multiple_of=16,
-                                 max_seq_len=128))
+    return Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab,
+                                 multiple_of=multiple_of, max_seq_len=128))
 
 
 def test_packed_loss_equals_token_weighted_loss_of_documents(tok):
@@ -360,21 +361,93 @@ def run(tmp_path, ckpt, *extra):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], out
 
 
+ONE_CHAT = [{"role": "user", "content": "What is the opposite of hot?"},
+            {"role": "assistant", "content": "The opposite of hot is cold."}]
+
+
+def hf_step0_loss(ckpt, tmp_path, quantized: bool) -> float:
+    """The mean next-token loss over ONE_CHAT's reply + eos under the untrained model, computed without our
+    training code: transformers' LlamaForCausalLM (bitsandbytes NF4, double quant, for QLoRA) on the checkpoint
+    in HF layout, the dialog rendered as Meta's chat_completion does with SentencePiece itself."""
+    import sentencepiece as spm
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    from llama import load_model, save_model
+    save_model(load_model(ckpt, dtype=torch.float32), tmp_path / "hf", layout="hf")
+    kw = dict(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                     bnb_4bit_use_double_quant=True,
+                                                     bnb_4bit_compute_dtype=torch.float32)) if quantized else {}
+    # train mode (Llama has no dropout): in eval mode bitsandbytes repacks NF4 weights for a CPU kernel that
+    # needs the FFN width to be a multiple of its block
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, device_map="cpu", **kw).train()
+    sp = spm.SentencePieceProcessor(model_file=str(DEMO_TOK))
+    user, reply = (m["content"] for m in ONE_CHAT)
+    prompt = [sp.bos_id()] + sp.encode(f"[INST] {user} [/INST]")
+    ids = [sp.bos_id()] + sp.encode(f"[INST] {user} [/INST] {reply} ") + [sp.eos_id()]
+    assert ids[:len(prompt)] == prompt
+    labels = [-100] * len(prompt) + ids[len(prompt):]  # HF shifts: logits[i] is scored against labels[i + 1]
+    with torch.no_grad():
+        return hf(torch.tensor([ids]), labels=torch.tensor([labels])).loss.item()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", [["--full"], ["--quant", "none", "--lr", "1e-2"], ["--quant", "nf4", "--lr", "1e-2"]],
                          ids=["full", "lora", "qlora"])
-def test_loss_decreases(tmp_path, tiny_ckpt, mode, capsys):
-    metrics, out = run(tmp_path, tiny_ckpt, "--max-steps", "16", "--lora-dropout", "0", "--schedule", "constant",
-                       "--max-grad-norm", "1", *mode)
+def test_loss_decreases(tmp_path, mode, capsys):
+    """Every row of the data is the same dialog, so whichever packed rows a step draws, its loss is that
+    dialog's mean loss over its trained tokens (documents are isolated, positions restart): step 0's logged
+    loss (before any update; LoRA's B = 0) must equal the untrained model's loss computed by transformers
+    (hf_step0_loss), and training must then drive it down."""
+    from llama import save_model
+    # tiny_ckpt's shapes with an FFN width of 192, a multiple of 64: bitsandbytes' CPU kernel (the QLoRA
+    # reference) is wrong when rows split its 64-value blocks (tests/test_nf4.py)
+    ckpt = tmp_path / "ckpt"
+    save_model(tiny_model(Tokenizer(str(DEMO_TOK)).n_words, multiple_of=64), ckpt, layout="meta", tokenizer=DEMO_TOK)
+    data = write_jsonl(tmp_path / "one.jsonl", [{"messages": ONE_CHAT}] * 16)
+    metrics, out = run(tmp_path, ckpt, "--data", str(data), "--max-steps", "16", "--lora-dropout", "0",
+                       "--schedule", "constant", "--max-grad-norm", "1", *mode)
     # loading shows progress (minutes for 7B on a CPU): in a log, the first tensor, then a line at most every 10 s
     # (llama.files.Progress), the last one at 100%; never a line per tensor
     lines = re.findall(r"loading weights: (\d+)/(\d+) tensors \((\d+)%\)", capsys.readouterr().out)
     n_layers = 2  # tiny_train_ckpt: 9 tensors per layer + embeddings, final norm, head
     n = str(9 * n_layers + 3)
     assert lines[-1] == (n, n, "100") and len(lines) < int(n)
+    want = hf_step0_loss(ckpt, tmp_path, quantized="nf4" in mode)
+    assert abs(metrics[0]["loss"] - want) < 1e-4, (metrics[0]["loss"], want)
     assert metrics[-1]["loss"] < 0.5 * metrics[0]["loss"]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_mb"} <= set(metrics[0])
     assert (out / ("model" if "--full" in mode else "adapter")).exists()
+
+
+@pytest.mark.parametrize("quant, layout", [("none", "hf"), ("nf4", "hf"), ("nf4", "meta")])
+def test_merge_output_reproduces_the_trained_model(tmp_path, tiny_ckpt, monkeypatch, quant, layout, one_thread):
+    """--merge: OUT/merged, loaded by llama.load_model (and for the HF layout by transformers), gives the logits
+    the trained model (base, NF4 for QLoRA, + adapters) gave in memory just before it was merged."""
+    from transformers import LlamaForCausalLM
+
+    from llama import load_model
+    tokens = torch.randint(0, Tokenizer(str(DEMO_TOK)).n_words, (2, 20), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    real_merge = train.lora.merge_lora
+
+    def record_then_merge(model):
+        model.eval()
+        with torch.no_grad():
+            seen["logits"] = model(tokens)
+        return real_merge(model)
+
+    monkeypatch.setattr(train.lora, "merge_lora", record_then_merge)
+    _, out = run(tmp_path, tiny_ckpt, "--max-steps", "3", "--lr", "1e-2", "--quant", quant, "--merge",
+                 "--merge-layout", layout)
+    want = seen["logits"]
+    with torch.no_grad():
+        base = load_model(tiny_ckpt, dtype=torch.float32)(tokens)
+        assert (want - base).abs().max() > 1e-2  # training changed the model
+        ours = load_model(out / "merged", dtype=torch.float32)(tokens)
+        assert (ours - want).abs().max().item() < 1e-4
+        if layout == "hf":
+            hf = LlamaForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
+            assert (hf(tokens).logits - want).abs().max().item() < 1e-4
 
 
 @pytest.mark.slow
@@ -408,9 +481,25 @@ def test_chatml_added_tokens_train_and_second_stage(tmp_path, tiny_ckpt):
     assert set(cfg["modules_to_save"]) >= {"embed_tokens", "lm_head"}
     weights = load_file(out1 / "adapter" / "adapter_model.safetensors")
     emb = next(v for k, v in weights.items() if "embed_tokens" in k)
+    head = next(v for k, v in weights.items() if "lm_head" in k)
     tok = Tokenizer(str(out1 / "adapter" / "tokenizer.model"))
     assert tok.special_tokens == {"<|im_start|>": 1024, "<|im_end|>": 1025}
     assert emb.shape[0] % 128 == 0 and emb.shape[0] >= tok.n_words
+    # the rows the added tokens got start as the mean of the base rows (resize_embeddings), and training moved
+    # them (in the input embedding and in the head); an embedding row no input token uses gets no gradient,
+    # so AdamW (no weight decay) leaves it exactly as it was: the base's rows, the mean for the padding rows
+    from llama import load_model
+    base = load_model(tiny_ckpt, dtype=torch.float32)
+    for trained, start in ((emb, base.tok_embeddings.weight), (head, base.output.weight)):
+        mean = start.mean(0)
+        for i in (1024, 1025):
+            assert (trained[i] - mean).abs().max() > 1e-3, i
+    seen = set(np.load(out1 / "data" / "train" / "ids.npy").tolist()) | {tok.eos_id}  # eos also pads the rows
+    assert {1024, 1025} <= seen
+    unseen = [i for i in range(1024) if i not in seen]
+    assert len(unseen) > 500 and torch.equal(emb[unseen], base.tok_embeddings.weight[unseen])
+    assert torch.equal(emb[1026:], base.tok_embeddings.weight.mean(0).expand(emb.shape[0] - 1026, -1))
+    assert not torch.equal(emb[sorted(seen - {1024, 1025})], base.tok_embeddings.weight[sorted(seen - {1024, 1025})])
     metrics, out2 = run(tmp_path / "s2", tiny_ckpt, "--template", "chatml", "--max-steps", "2", "--quant", "nf4",
                         "--init-adapter", str(out1 / "adapter"), "--lima-dropout", "0.25")
     # stage 2 starts where stage 1 ended: its first loss is below stage 1's first loss
