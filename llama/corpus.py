@@ -207,7 +207,8 @@ def _tokenized(chunks, tokenizer: Tokenizer, opts: DataOptions, workers: int):
         return
     # fork where the platform has it (no re-import of the caller's modules); the functions are spawn-safe too
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer.path), dict(tokenizer.special_tokens))) as pool:
+    initargs = (str(tokenizer.path), dict(tokenizer.special_tokens))
+    with ctx.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
         pending = deque(pool.apply_async(_encode_chunk, (c, opts)) for c in head)
         while pending:
             try:
@@ -282,7 +283,23 @@ def _left_out(samples, bad: Counter, listed: list[dict]):
 
 
 def _prepare(data, tokenizer, tmp: Path, opts: DataOptions, workers: int, key: dict) -> dict:
-    # 1) every sample of every source, tokenized in file order, appended to flat temp files
+    """The folder's content in `tmp`, step by step; returns meta.json's content."""
+    cat, groups, bad, listed = _tokenize_sources(data, tokenizer, tmp, opts, workers)
+    stats, train, val = _draw(data, cat, groups, bad, opts)
+    if not len(train):
+        raise DataError(f"no training samples left after filtering ({json.dumps(stats['files'])})")
+    splits = _write_splits(tmp, cat, {"train": train, "val": val}, opts.seq_len)
+    if listed:
+        (tmp / "skipped.jsonl").write_text("".join(json.dumps(r) + "\n" for r in listed))
+    meta = {"format": "llama2-sft tokenized corpus", "key": key, "stats": stats, "splits": splits}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def _tokenize_sources(data, tokenizer, tmp: Path, opts: DataOptions, workers: int):
+    """1) Every sample of every source, tokenized in file order, its kept tokens appended to the temp files
+    all_ids.bin and all_mask.bin. Returns (the per-sample arrays of _encode_chunk over all sources, per source:
+    each sample's group, the bad rows left out by reason; the bad rows listed for skipped.jsonl)."""
     per: dict[str, list] = {k: [] for k in ("kept", "full", "status", "trained", "targets")}
     groups: list[list[int]] = []  # per source: each sample's group, numbered by first appearance
     bad: list[Counter] = []  # per source: bad rows left out, by reason
@@ -306,10 +323,13 @@ def _prepare(data, tokenizer, tmp: Path, opts: DataOptions, workers: int, key: d
                 _show_progress(show, rows, tokens)
     _show_progress(show, rows, tokens, done=True)
     cat = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in per.items()}
-    start = _starts(cat["kept"])  # where each sample's kept tokens are in the temp files
+    return cat, groups, bad, listed
 
-    # 2) per source: shuffle its groups (one Random(seed) across sources, in order), keep the fraction,
-    # hold out the first groups until the val share is reached; samples keep their file order within a group
+
+def _draw(data, cat: dict, groups: list[list[int]], bad: list[Counter], opts: DataOptions):
+    """2) Per source: shuffle its groups (one Random(seed) across sources, in order), keep the fraction, hold out
+    the first groups until the val share is reached; samples keep their file order within a group. Returns
+    (meta.json's stats, the train samples, the val samples: indices into `cat`)."""
     rng = random.Random(opts.seed)
     drawn = []  # per source: (path, picked, train, val, bad rows), picked, train and val indices into cat
     first = 0
@@ -332,38 +352,38 @@ def _prepare(data, tokenizer, tmp: Path, opts: DataOptions, workers: int, key: d
     stats = {"files": {path: _stats(cat, *d) for path, *d in drawn}}
     picked, train, val = (np.concatenate([d[i] for d in drawn]) for i in (1, 2, 3))
     stats["total"] = _stats(cat, picked, train, val, sum(bad, Counter()))
-    if not len(train):
-        raise DataError(f"no training samples left after filtering ({json.dumps(stats['files'])})")
+    return stats, train, val
 
-    # 3) each split's arrays, gathered from the temp files in the chosen order, a block at a time
+
+def _write_splits(tmp: Path, cat: dict, chosen: dict[str, np.ndarray], seq_len: int) -> dict:
+    """3) Each non-empty split's arrays (`chosen`: its samples, in order), gathered from the temp files a block
+    at a time, which then go. Returns meta.json's "splits"."""
+    start = _starts(cat["kept"])  # where each sample's kept tokens are in the temp files
     splits = {}
     with open(tmp / "all_ids.bin", "rb") as fi, open(tmp / "all_mask.bin", "rb") as fm:
-        for name, sel in (("train", train), ("val", val)):
+        for name, sel in chosen.items():
             if not len(sel):
                 continue
             offsets = _starts(cat["kept"][sel])
+            n_tokens = int(offsets[-1])
             d = tmp / name
             d.mkdir()
-            with _write_npy(d / "ids.npy", np.int32, int(offsets[-1])) as oi, \
-                    _write_npy(d / "mask.npy", np.uint8, int(offsets[-1])) as om:
+            with _write_npy(d / "ids.npy", np.int32, n_tokens) as oi, \
+                    _write_npy(d / "mask.npy", np.uint8, n_tokens) as om:
                 for a in range(0, len(sel), 1024):
                     block = sel[a: a + 1024]
                     oi.write(b"".join(os.pread(fi.fileno(), 4 * int(cat["kept"][i]), 4 * int(start[i])) for i in block))
                     om.write(b"".join(os.pread(fm.fileno(), int(cat["kept"][i]), int(start[i])) for i in block))
+            pack_rows, pack_samples = pack_plan(cat["kept"][sel], seq_len)
             np.save(d / "offsets.npy", offsets)
             np.save(d / "targets.npy", cat["targets"][sel].astype(np.int32))
-            pack_rows, pack_samples = pack_plan(cat["kept"][sel], opts.seq_len)
             np.save(d / "pack_rows.npy", pack_rows)
             np.save(d / "pack_samples.npy", pack_samples)
-            splits[name] = {"samples": len(sel), "tokens": int(offsets[-1]), "packed_rows": len(pack_rows) - 1,
-                            "packing_efficiency": round(int(offsets[-1]) / ((len(pack_rows) - 1) * opts.seq_len), 4)}
+            splits[name] = {"samples": len(sel), "tokens": n_tokens, "packed_rows": len(pack_rows) - 1,
+                            "packing_efficiency": round(n_tokens / ((len(pack_rows) - 1) * seq_len), 4)}
     (tmp / "all_ids.bin").unlink()
     (tmp / "all_mask.bin").unlink()
-    if listed:
-        (tmp / "skipped.jsonl").write_text("".join(json.dumps(r) + "\n" for r in listed))
-    meta = {"format": "llama2-sft tokenized corpus", "key": key, "stats": stats, "splits": splits}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    return meta
+    return splits
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -509,7 +529,8 @@ def open_corpus(folder: Path) -> tuple[dict, dict[str, Split]]:
             except (OSError, ValueError) as e:
                 raise DataError(f"prepared data {folder}: cannot read {name}/{k}.npy ({e})") from None
             if a.dtype != np.dtype(dtype) or a.ndim != 1:
-                raise DataError(f"prepared data {folder}: {name}/{k}.npy is {a.dtype} {a.shape}, expected 1-d {np.dtype(dtype)}")
+                raise DataError(f"prepared data {folder}: {name}/{k}.npy is {a.dtype} {a.shape}, "
+                                f"expected 1-d {np.dtype(dtype)}")
             arrays[k] = a
         offsets = arrays["offsets"] = np.asarray(arrays["offsets"])
         n = len(offsets) - 1

@@ -119,8 +119,8 @@ def iter_rows(path: Path, bad_lines: bool = False) -> Iterator[tuple[int, dict |
                     row = DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line)")
                 except json.JSONDecodeError as e:
                     if not rows and not is_data_file(path):  # e.g. a .csv: say what is read instead
-                        kind = {".csv": "CSV", ".tsv": "TSV"}.get(path.suffix.lower()) or (
-                            f"a {path.suffix} file" if path.suffix else "a file without a suffix")
+                        kind = f"a {path.suffix} file" if path.suffix else "a file without a suffix"
+                        kind = {".csv": "CSV", ".tsv": "TSV"}.get(path.suffix.lower(), kind)
                         raise DataError(f"{path}: {kind} is not supported (line {n} is not JSON); data files are "
                                         f"{', '.join(DATA_SUFFIXES)} or a folder of them") from None
                     row = DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); "
@@ -257,46 +257,62 @@ def read_dialogs(path: Path, *, oasst_top_k: int = 0, oasst_lang: Sequence[str] 
                             f"broken rows. The first: {first}")
 
     oasst_rows: dict[str, dict] = {}
+    threads = partial(oasst_dialogs, top_k=oasst_top_k, langs=oasst_lang, template=template, skip=skip)
+    row_samples = partial(_row_samples, oasst_rows=oasst_rows, threads=threads, text_as_lm=text_as_lm,
+                          template=template, skip=skip)
     for file in data_files(Path(path)):
-        fmt = first = None  # the format of the file's first row, and where that is
         n_rows[str(file)] = 0
-        for n, row in iter_rows(file, bad_lines=skip):
+        for samples in _file_samples(file, row_samples, skip):
             n_rows[str(file)] += 1
-            where = f"{file}:{n}"
-            try:
-                if isinstance(row, DataError):  # a line that is not JSON (yielded only with bad_lines)
-                    raise row
-                f = row_format(row, where)
-            except DataError as e:
-                yield from counted([_bad(e, where, "invalid_json" if row is e else "unknown_format", skip)])
-                continue
-            if fmt is None:
-                fmt, first = f, where
-            elif f != fmt:
-                raise DataError(f"{where}: row is {FORMATS[f][1]} but the file's first row ({first}) is "
-                                f"{FORMATS[fmt][1]}; every row of a file must have the same format")
-            try:
-                if fmt == "oasst_message":
-                    add_oasst_message(oasst_rows, row, where)
-                    samples = []
-                elif fmt == "oasst_tree":
-                    samples = oasst_dialogs(oasst_tree_node(row, where), oasst_top_k, oasst_lang, template, skip)
-                elif fmt == "text":
-                    msgs = text_to_messages(row["text"], where, text_as_lm, template)
-                    samples = [{"where": where, "group": where,
-                                **({"messages": msgs} if msgs else {"text": row["text"]})}]
-                else:
-                    samples = [{"where": where, "group": where, "messages": to_messages(row, fmt, where, template)}]
-            except DataError as e:
-                samples = [_bad(e, where, "invalid_oasst" if fmt.startswith("oasst") else "invalid_dialog", skip)]
             yield from counted(samples)
         check_fraction(str(file))
     roots, left_out = link_oasst_messages(oasst_rows, skip)
     yield from counted(left_out)
     for root in roots:
-        yield from counted(oasst_dialogs(root, oasst_top_k, oasst_lang, template, skip))
+        yield from counted(threads(root))
     for file in n_rows:
         check_fraction(file)
+
+
+def _file_samples(file: Path, row_samples, skip: bool) -> Iterator[Iterable[dict]]:
+    """Each row of one file -> its samples (`row_samples`: _row_samples with read_dialogs' options); every row
+    must have the format of the file's first row."""
+    fmt = first = None  # the format of the file's first row, and where that is
+    for n, row in iter_rows(file, bad_lines=skip):
+        where = f"{file}:{n}"
+        try:
+            if isinstance(row, DataError):  # a line that is not JSON (yielded only with bad_lines)
+                raise row
+            f = row_format(row, where)
+        except DataError as e:
+            yield [_bad(e, where, "invalid_json" if row is e else "unknown_format", skip)]
+            continue
+        if fmt is None:
+            fmt, first = f, where
+        elif f != fmt:
+            raise DataError(f"{where}: row is {FORMATS[f][1]} but the file's first row ({first}) is "
+                            f"{FORMATS[fmt][1]}; every row of a file must have the same format")
+        yield row_samples(row, fmt, where)
+
+
+def _row_samples(row: dict, fmt: str, where: str, oasst_rows: dict[str, dict], threads, text_as_lm: bool,
+                 template: str | None, skip: bool) -> Iterable[dict]:
+    """One row of format `fmt` -> its samples (`threads`: oasst_dialogs with read_dialogs' options). An OASST
+    message row gives none: it is kept in `oasst_rows`, to be linked into trees at the end."""
+    try:
+        if fmt == "oasst_message":
+            add_oasst_message(oasst_rows, row, where)
+            return []
+        if fmt == "oasst_tree":
+            return threads(oasst_tree_node(row, where))
+        if fmt != "text":
+            return [{"where": where, "group": where, "messages": to_messages(row, fmt, where, template)}]
+        msgs = text_to_messages(row["text"], where, text_as_lm, template)
+    except DataError as e:
+        return [_bad(e, where, "invalid_oasst" if fmt.startswith("oasst") else "invalid_dialog", skip)]
+    if not msgs:  # a text without chat markers, with text_as_lm: trained whole
+        return [{"where": where, "group": where, "text": row["text"]}]
+    return [{"where": where, "group": where, "messages": msgs}]
 
 
 def _bad(e: DataError, where: str, reason: str, skip: bool) -> dict:
@@ -662,7 +678,8 @@ def _keep_thread(thread: list[dict], top_k: int) -> bool:
     if thread[-1]["role"] == "prompter" and thread[-2]["replies"][0] is not thread[-1]:
         return False
     if top_k:
-        for parent, m in zip(thread, thread[1:]):
-            if m["role"] == "assistant" and (len(parent["replies"]) > 1 if m["rank"] is None else m["rank"] >= top_k):
+        for parent, m in zip(thread, thread[1:]):  # an assistant message: rank < top_k, or no rank and no sibling
+            ranked_in = len(parent["replies"]) == 1 if m["rank"] is None else m["rank"] < top_k
+            if m["role"] == "assistant" and not ranked_in:
                 return False
     return True

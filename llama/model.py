@@ -5,7 +5,7 @@ Meta state dict loads with no renaming:
 
     h   = tok_embeddings[tokens]
     h   = h + wo · Attention(RoPE(wq · RMSNorm(h)), RoPE(wk · RMSNorm(h)), wv · RMSNorm(h))  (per layer,
-    h   = h + w2 · (silu(w1 · RMSNorm(h)) * (w3 · RMSNorm(h)))                              attention_norm / ffn_norm)
+    h   = h + w2 · (silu(w1 · RMSNorm(h)) * (w3 · RMSNorm(h)))                              attention_norm, ffn_norm)
     out = output · RMSNorm(h)
 
 - RMSNorm(x) = x / sqrt(mean(x²) + eps) * weight, computed in fp32 and cast back (Zhang & Sennrich 2019).
