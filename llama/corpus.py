@@ -261,12 +261,22 @@ def _stats(cat: dict, picked: np.ndarray, train: np.ndarray, val: np.ndarray, ba
 def prepare_corpus(data: list[str], tokenizer: Tokenizer, dest: Path, opts: DataOptions, *, workers: int = 0,
                    key: dict | None = None) -> dict:
     """Tokenize, filter and split the sources into the folder `dest` (replaced atomically); returns meta.json's
-    content. A DataError leaves `dest` as it was."""
+    content. A DataError leaves `dest` as it was. The steps: 1) _tokenize_sources, 2) _draw, 3) _write_splits,
+    4) skipped.jsonl and meta.json."""
     if not data:
         raise DataError("no data sources given (expected one or more files or folders)")
     key = key or corpus_key(data, tokenizer, opts)
     with atomic_folder(dest) as tmp:
-        return _prepare(data, tokenizer, tmp, opts, resolve_workers(workers), key)
+        cat, groups, bad, listed = _tokenize_sources(data, tokenizer, tmp, opts, resolve_workers(workers))
+        stats, train, val = _draw(data, cat, groups, bad, opts)
+        if not len(train):
+            raise DataError(f"no training samples left after filtering ({json.dumps(stats['files'])})")
+        splits = _write_splits(tmp, cat, {"train": train, "val": val}, opts.seq_len)
+        if listed:
+            (tmp / "skipped.jsonl").write_text("".join(json.dumps(r) + "\n" for r in listed))
+        meta = {"format": "llama2-sft tokenized corpus", "key": key, "stats": stats, "splits": splits}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    return meta
 
 
 def _left_out(samples, bad: Counter, listed: list[dict]):
@@ -280,20 +290,6 @@ def _left_out(samples, bad: Counter, listed: list[dict]):
         bad[s["skipped"]] += 1
         if len(listed) < MAX_LISTED:
             listed.append({"where": s["where"], "reason": s["skipped"], "error": s["error"]})
-
-
-def _prepare(data, tokenizer, tmp: Path, opts: DataOptions, workers: int, key: dict) -> dict:
-    """The folder's content in `tmp`, step by step; returns meta.json's content."""
-    cat, groups, bad, listed = _tokenize_sources(data, tokenizer, tmp, opts, workers)
-    stats, train, val = _draw(data, cat, groups, bad, opts)
-    if not len(train):
-        raise DataError(f"no training samples left after filtering ({json.dumps(stats['files'])})")
-    splits = _write_splits(tmp, cat, {"train": train, "val": val}, opts.seq_len)
-    if listed:
-        (tmp / "skipped.jsonl").write_text("".join(json.dumps(r) + "\n" for r in listed))
-    meta = {"format": "llama2-sft tokenized corpus", "key": key, "stats": stats, "splits": splits}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    return meta
 
 
 def _tokenize_sources(data, tokenizer, tmp: Path, opts: DataOptions, workers: int):
