@@ -239,7 +239,7 @@ def test_chatml_corpus_trains_exactly_the_replies_and_end_tokens(tmp_path):
                        "chatml", "--seq-len", "256", "--prepare-data"]) == 0
     tok = Tokenizer(str(DEMO_TOK))
     tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    split = corpus.open_corpus(out / "data", tok)[1]["train"]
+    split = corpus.open_corpus(out / "data")[1]["train"]
     plan = corpus.make_rows(split, 256)
     batch = corpus.build_batch(split, plan, range(len(plan)), 256, pad_id=tok.eos_id)
     assert len(plan) < len(CHATML_DIALOGS)  # some rows hold several dialogs

@@ -137,7 +137,7 @@ def test_flex_mask_and_training_loss_isolate_documents(pair, monkeypatch):
     _, ours = pair
     monkeypatch.setattr(M, "USE_FLEX", True)
     doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, 3], [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]])
-    mask = M.packed_mask(doc_ids)
+    mask = M.document_block_mask(doc_ids)
     assert isinstance(mask, M.BlockMask)
     B, T = doc_ids.shape
     for b in range(B):
