@@ -14,6 +14,7 @@ an optimizer step (all micro-batches together), so gradient accumulation and pac
 what is optimised: a packed batch gives the same loss as its documents run one by one.
 
     python train.py                                 # the bundled demo: QLoRA on a tiny Llama, CPU
+    python train.py --merge                         # the demo, any flags on top: here, also the merged model
     python train.py --ckpt llama-2-7b --data chats.jsonl --quant nf4
     python train.py --prepare-data --ckpt llama-2-7b --data chats.jsonl --out out/run   # tokenize only
     python train.py --chat --ckpt llama-2-7b --adapter out/run/adapter
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import functools
 import hashlib
 import json
@@ -59,7 +61,8 @@ from llama.checkpoint import CheckpointError, find_tokenizer, resolve_checkpoint
 from llama.data import DataError, read_dialogs
 from llama.files import Progress, atomic_folder
 from llama.export import save_tokenizer_files
-from llama.generate import DTYPES, chat_loop, generate, load_chat_model, resolve_device_dtype
+from llama.generate import (DTYPES, ChatOptions, add_chat_args, chat_loop, chat_options, generate, load_chat_model,
+                            resolve_device_dtype)
 from llama.model import resize_embeddings
 
 ROOT = Path(__file__).resolve().parent
@@ -69,9 +72,10 @@ DEMO = ROOT / "demo"
 # ---- Configuration: the dataclass defaults are the documentation; the CLI is generated from it (bottom of file).
 
 
-def flag(default, help: str = "", choices: tuple[str, ...] | None = None):
-    """A TrainConfig field: its default, its --help text and the values argparse accepts."""
-    meta = {"help": help, "choices": choices}
+def flag(default, help: str, choices: tuple[str, ...] | None = None, section: str = ""):
+    """A TrainConfig field: its default, its --help text, the values argparse accepts, and, on the first field of
+    each group, the --help section that it and the fields after it are listed in."""
+    meta = {"help": help, "choices": choices, "section": section}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -79,27 +83,11 @@ def flag(default, help: str = "", choices: tuple[str, ...] | None = None):
 
 @dataclass
 class TrainConfig:
-    ckpt: str = flag(str(DEMO / "tiny-llama"), "Meta folder (consolidated.*.pth), HF folder, or org/name (hub cache)")
-    data: list[str] = flag([str(DEMO / "data" / "train.jsonl")], "path[:fraction] ... or one prepared folder")
-    template: str = flag("llama2", "chat template", TEMPLATES)
-    out: str = "out/run"
-    overwrite: bool = flag(False, "reuse an --out that holds another run")
-    # model
-    quant: str = flag("auto", "auto: nf4 on CUDA, none on CPU", ("none", "nf4", "auto"))
-    full: bool = flag(False, "full fine-tuning instead of LoRA")
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    lora_targets: str = "wq,wk,wv,wo,w1,w2,w3"
-    rslora: bool = False
-    dtype: str = flag("auto", "auto: bf16 on CUDA; on CPU fp32, bf16 for checkpoints over 2 GiB", ("auto", *DTYPES))
-    device: str = "auto"
-    grad_checkpointing: bool = False
-    lima_dropout: float = flag(0.0, "residual dropout rising linearly with depth up to this value (LIMA)")
-    init_adapter: str = flag("", "start from a saved adapter (second stage), fresh optimizer")
-    # data
-    seq_len: int = 1024
-    packing: bool = True
+    data: list[str] = flag([str(DEMO / "data" / "train.jsonl")], "data files or folders, each path[:fraction] "
+                           "(--data a.jsonl --data b.json:0.5 adds both), or one prepared folder", section="data")
+    template: str = flag("llama2", "chat template the dialogs are rendered in", TEMPLATES)
+    seq_len: int = flag(1024, "tokens per training row")
+    packing: bool = flag(True, "one sample per row, padded, instead of packing several into each row")
     overlong: str = flag("truncate", "truncate or drop samples longer than --seq-len", ("truncate", "drop"))
     val_split: float = flag(0.0, "fraction of each file held out for eval")
     max_val: int = flag(1000, "cap on held-out samples per file")
@@ -113,40 +101,60 @@ class TrainConfig:
     prepare_data: bool = flag(False, "tokenize --data into OUT/data and exit (loads only the tokenizer)")
     data_workers: int = flag(0, "tokenizer processes (0: one per core)")
     show_samples: int = flag(0, "print this many prepared samples with the trained spans marked")
-    # optimisation
-    batch_size: int = flag(4, "rows per micro-batch")
+    ckpt: str = flag(str(DEMO / "tiny-llama"), "Meta folder (consolidated.*.pth), HF folder, or org/name (hub cache)",
+                     section="model")
+    dtype: str = flag("auto", "auto: bf16 on CUDA; on CPU fp32, bf16 for checkpoints over 2 GiB", ("auto", *DTYPES))
+    device: str = flag("auto", "auto (the GPU when there is one), cpu, cuda, cuda:1, ...")
+    grad_checkpointing: bool = flag(False, "recompute each block's activations in backward: less memory, more time")
+    lima_dropout: float = flag(0.0, "residual dropout rising linearly with depth up to this value (LIMA)")
+    quant: str = flag("auto", "frozen base in NF4 (QLoRA) or not; auto: nf4 on CUDA, none on CPU",
+                      ("none", "nf4", "auto"), section="LoRA and quantization")
+    full: bool = flag(False, "full fine-tuning (every weight trains) instead of LoRA")
+    lora_r: int = flag(16, "LoRA rank")
+    lora_alpha: float = flag(32.0, "LoRA scale: the update B @ A is scaled by alpha / r")
+    lora_dropout: float = flag(0.05, "dropout on the adapters' input")
+    lora_targets: str = flag("wq,wk,wv,wo,w1,w2,w3", "comma-separated projections that get adapters (Meta names)")
+    rslora: bool = flag(False, "rank-stabilized LoRA: scale by alpha / sqrt(r)")
+    init_adapter: str = flag("", "start from a saved adapter (second stage), fresh optimizer")
+    batch_size: int = flag(4, "rows per micro-batch", section="optimization")
     grad_accum: int = flag(4, "micro-batches per optimizer step")
-    epochs: float = 1.0
+    epochs: float = flag(1.0, "passes over the training rows (fractions allowed)")
     max_steps: int = flag(0, "> 0 overrides --epochs")
-    lr: float = 2e-4
-    min_lr: float = 0.0
-    schedule: str = flag("cosine", "", ("cosine", "linear", "constant"))
-    warmup_ratio: float = 0.05
+    lr: float = flag(2e-4, "peak learning rate, reached after the warmup")
+    min_lr: float = flag(0.0, "learning rate at the end of the schedule")
+    schedule: str = flag("cosine", "decay after the warmup", ("cosine", "linear", "constant"))
+    warmup_ratio: float = flag(0.05, "fraction of the steps spent warming up linearly")
     warmup_steps: int = flag(0, "> 0 overrides --warmup-ratio")
-    optim: str = flag("adamw", "", ("adamw", "adamw_8bit", "paged_adamw_8bit"))
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    max_grad_norm: float = flag(0.3, "0 disables clipping")
+    optim: str = flag("adamw", "AdamW (torch), or bitsandbytes' 8-bit AdamW (paged: its state can move to CPU memory)",
+                      ("adamw", "adamw_8bit", "paged_adamw_8bit"))
+    weight_decay: float = flag(0.0, "AdamW weight decay")
+    beta1: float = flag(0.9, "AdamW beta1")
+    beta2: float = flag(0.999, "AdamW beta2")
+    eps: float = flag(1e-8, "AdamW epsilon")
+    max_grad_norm: float = flag(0.3, "gradient clipping norm (0 disables clipping)")
     max_bad_steps: int = flag(5, "abort after this many non-finite steps in a row")
-    seed: int = 0
-    # logging, eval, checkpoints
-    log_every: int = 1
+    seed: int = flag(0, "seed for the initialisation, the data order, dropout and the val split")
+    out: str = flag("out/run", "output folder: adapter/, metrics.jsonl, checkpoints, ...", section="run and output")
+    overwrite: bool = flag(False, "reuse an --out that holds another run")
+    resume: bool = flag(False, "continue the run in --out from its last checkpoint (same flags)")
+    log_every: int = flag(1, "log every N optimizer steps")
     eval_every: int = flag(0, "0: eval only at the end (when there is a val split)")
-    save_every: int = flag(0, "0: no intermediate checkpoints")
-    save_total_limit: int = 2
-    resume: bool = False
-    merge: bool = flag(False, "also write the merged model to OUT/merged")
-    merge_layout: str = flag("hf", "", ("meta", "hf"))
+    save_every: int = flag(0, "checkpoint every N steps (0: no intermediate checkpoints)")
+    save_total_limit: int = flag(2, "checkpoints kept (0: all)")
     gen_eval: str = flag("", "JSONL of dialogs whose last assistant turn is the expected answer")
-    # chat with a result instead of training
-    chat: bool = False
-    adapter: str = ""
+    merge: bool = flag(False, "also write the merged model to OUT/merged", section="merge and chat")
+    merge_layout: str = flag("hf", "layout of OUT/merged: hf (config.json + safetensors) or meta (consolidated.00.pth)",
+                             ("meta", "hf"))
+    chat: bool = flag(False, "chat with --ckpt (and --adapter) instead of training; takes the flags below")
+    adapter: str = flag("", "with --chat: a LoRA adapter folder (OUT/adapter) to load onto --ckpt")
 
 
 class UserError(Exception):
     """Bad input from the user: printed as one paragraph, exit code 2, no traceback."""
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 # ---- Data: --data -> the prepared corpus (OUT/data, or a prepared folder given as --data) -> row plans.
@@ -161,6 +169,16 @@ def load_tokenizer(cfg: TrainConfig) -> tuple[Tokenizer, list[str]]:
     new_tokens = [t for t in required_special_tokens(cfg.template) if t not in tokenizer.special_tokens]
     tokenizer.add_special_tokens(new_tokens)
     return tokenizer, new_tokens
+
+
+def take_prepared_settings(cfg: TrainConfig, given: set[str]) -> None:
+    """A prepared folder given as the only --data brings the --template and --seq-len it was prepared with, unless
+    the command line names them (llama.corpus.check_fits then says whether the folder fits)."""
+    if len(cfg.data) == 1 and corpus.is_prepared(Path(cfg.data[0])):
+        key = corpus.read_meta(Path(cfg.data[0]))["key"]
+        for name in ("template", "seq_len"):
+            if name in key and name not in given:
+                setattr(cfg, name, key[name])
 
 
 def data_options(cfg: TrainConfig) -> corpus.DataOptions:
@@ -194,11 +212,12 @@ def print_stats(stats: dict) -> None:
           f"{'tokens':>9} {'min':>5} {'max':>5} {'mean':>7}")
     for path, s in [*stats["files"].items(), ("total", stats["total"])]:
         skipped = sum(s["skipped"].values())
-        print(f"{path[-40:]:<40} {s['rows']:>7} {s['accepted']:>7} {s['val']:>6} {skipped:>8} {s['truncated']:>6} "
+        path = path if len(path) <= 40 else "..." + path[-37:]  # the end of a long path: the file's name
+        print(f"{path:<40} {s['rows']:>7} {s['accepted']:>7} {s['val']:>6} {skipped:>8} {s['truncated']:>6} "
               f"{s['tokens']:>9} {s['min_tokens'] or 0:>5} {s['max_tokens']:>5} {s['mean_tokens']:>7}")
         for why, n in s["skipped"].items():
             print(f"    skipped {n}: {why}")
-    print(f"packed into {stats['rows']} rows; packing efficiency {stats['packing_efficiency']:.1%} "
+    print(f"packed into {plural(stats['rows'], 'row')}; packing efficiency {stats['packing_efficiency']:.1%} "
           f"(padding {stats['padding_fraction']:.1%})", flush=True)
 
 
@@ -639,10 +658,10 @@ def summary_lines(cfg: TrainConfig, run: Run, data: Data, quantized: bool) -> li
         f"  trainable params: {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f}%)",
         f"  model:  {cfg.ckpt} ({layout} layout, {_count(n_params)} parameters: {a.n_layers} layers, dim {a.dim}, "
         f"vocab {a.vocab_size}; {size} of weights)",
-        f"  data:   {stats['train_samples']:,} samples, {n_tokens:,} tokens -> {stats['rows']:,} rows of {cfg.seq_len} "
-        f"tokens{' (packed)' if cfg.packing else ''}{held_out}",
-        f"  steps:  {total:,} ({total / per_epoch:.3g} epochs of {per_epoch:,} steps x {run.per_step:,} rows), "
-        f"lr {cfg.lr:g} {cfg.schedule}",
+        f"  data:   {plural(stats['train_samples'], 'sample')}, {n_tokens:,} tokens -> {plural(stats['rows'], 'row')} "
+        f"of {cfg.seq_len} tokens{' (packed)' if cfg.packing else ''}{held_out}",
+        f"  steps:  {total:,} ({total / per_epoch:.3g} epochs of {plural(per_epoch, 'step')} x "
+        f"{plural(run.per_step, 'row')}), lr {cfg.lr:g} {cfg.schedule}",
         f"  output: {out} (full config in {out / 'run_config.json'})",
     ]
 
@@ -723,7 +742,7 @@ def write_outputs(cfg: TrainConfig, run: Run, data: Data, last: dict, gen_eval, 
         if dist.rank == 0:
             save_model(plain, out / "model", layout="meta", tokenizer=tokenizer, template=cfg.template)
     elif dist.rank == 0:
-        lora.save_adapter(model, out / "adapter")
+        lora.save_adapter(model, out / "adapter", base_model_name_or_path=cfg.ckpt)
         save_tokenizer_files(tokenizer, out / "adapter", cfg.template, model=False, max_length=model.args.max_seq_len)
     if gen_eval:
         after = exact_match(model, tokenizer, gen_eval, cfg.template)
@@ -737,7 +756,7 @@ def write_outputs(cfg: TrainConfig, run: Run, data: Data, last: dict, gen_eval, 
     if dist.rank == 0:
         plot_loss(out)
         (out / "result.json").write_text(json.dumps(result, indent=2))
-        print(f"done: {run.step} steps; outputs in {out}", flush=True)
+        print(f"done: {plural(run.step, 'step')}; outputs in {out}", flush=True)
     dist.barrier()
     return result
 
@@ -846,8 +865,8 @@ def train(cfg: TrainConfig, dist: Dist) -> dict:
     if cfg.prepare_data:
         if dist.rank == 0:
             (out / "data_stats.json").write_text(json.dumps(data.stats, indent=2))
-        dist.say(f"data prepared in {data.folder}; train with the same flags and --out {out} (it is reused), "
-                 f"or pass --data {data.folder}")
+        dist.say(f"data prepared in {data.folder}; train with the same flags and --out {out} (it is reused), or "
+                 f"with --ckpt {cfg.ckpt} --data {data.folder} (it brings its --template and --seq-len)")
         return {"data": data.stats}
 
     t0 = time.time()
@@ -899,32 +918,83 @@ def train(cfg: TrainConfig, dist: Dist) -> dict:
     return write_outputs(cfg, run, data, last, gen_eval, before)
 
 
-# ---- The command line: flags generated from TrainConfig; --chat; `python train.py` alone runs the demo.
+# ---- The command line: flags generated from TrainConfig; --chat; `python train.py` runs the demo (with any flags
+# but --ckpt and --data on top of its own).
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Build the CLI from TrainConfig: `--lora-r 8`, `--no-packing`, `--data a.jsonl b.jsonl:0.5`."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (--help has the usage), naming the closest flag to a mistyped one."""
+
+    def error(self, message: str):
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+    def parse_args(self, args=None, namespace=None):
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:
+            word = next((a for a in extra if a.startswith("-")), extra[0]).split("=")[0]
+            near = difflib.get_close_matches(word, self._option_string_actions, n=1)
+            self.error(f"unrecognized argument {word}" + (f"; did you mean {near[0]}?" if near else ""))
+        return ns
+
+
+def make_parser() -> ArgumentParser:
+    """The CLI generated from TrainConfig, in its --help sections (`--lora-r 8`, `--no-packing`, `--data a b:0.5`),
+    then llama.generate's chat flags. Flags are spelled out (no abbreviations), so given_flags can read them."""
+    first, *_, examples = __doc__.split("\n\n")  # the module docstring's first line and its example commands
+    p = ArgumentParser(usage="%(prog)s [--ckpt CKPT --data DATA [DATA ...]] [FLAG ...]", description=first + "\n\n" +
+                       examples, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    group = p
     for f in dataclasses.fields(TrainConfig):
-        option, h = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
+        option, h, section = "--" + f.name.replace("_", "-"), f.metadata["help"], f.metadata["section"]
+        group = p.add_argument_group(section) if section else group
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if f.type == "bool":  # a flag that is on by default is turned off by --no-...
-            p.add_argument("--no-" + option[2:] if default else option, dest=f.name,
-                           action="store_false" if default else "store_true", help=h)
+            group.add_argument("--no-" + option[2:] if default else option, dest=f.name,
+                               action="store_false" if default else "store_true", help=h)
+        elif f.type.startswith("list"):  # each --data adds its paths (none given: TrainConfig's default)
+            group.add_argument(option, nargs="+", action="extend", help=h)
         else:
-            p.add_argument(option, nargs="+" if f.type.startswith("list") else None, default=default,
-                           type={"int": int, "float": float}.get(f.type, str), choices=f.metadata.get("choices"),
-                           help=f"{h} (default: %(default)s)".lstrip())
-    return TrainConfig(**vars(p.parse_args(argv)))
+            h += " (default: %(default)s)" if default != "" else ""
+            group.add_argument(option, default=default, type={"int": int, "float": float}.get(f.type, str),
+                               choices=f.metadata["choices"], help=h)
+    add_chat_args(p)
+    return p
 
 
-def chat(cfg: TrainConfig, argv: list[str]) -> None:
-    """llama.generate's chat on the base model, NF4-quantized as --quant says, with --adapter on it; the template
-    is the adapter's run's unless --template is given."""
-    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype, cfg.ckpt)
+def given_flags(argv: list[str]) -> set[str]:
+    """The fields a command line names: `--seq-len 64` -> "seq_len"."""
+    return {a.split("=")[0][2:].replace("-", "_") for a in argv if a.startswith("--")}
+
+
+def parse_args(argv: list[str]) -> tuple[TrainConfig, ChatOptions]:
+    """The command line -> TrainConfig and the chat flags. Training with neither --ckpt nor --data is the demo: the
+    given flags go on top of DEMO_FLAGS (the later flag wins). Given only one of the two, the other is missing."""
+    p, given = make_parser(), given_flags(argv)
+    args = p.parse_args(argv)
+    if not args.chat and not given & {"ckpt", "data"}:
+        args = p.parse_args(DEMO_FLAGS + argv)
+    elif not args.chat and len(given & {"ckpt", "data"}) == 1:
+        p.error(("--ckpt given without --data: name the data to fine-tune on (--data FILE ...)" if "ckpt" in given
+                 else "--data given without --ckpt: name the model to fine-tune (--ckpt FOLDER or org/name)")
+                + "; with neither, `python train.py` runs the demo")
+    try:
+        opts = chat_options(args)
+    except ValueError as e:
+        p.error(str(e))
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in values.items() if v is not None}), opts
+
+
+def chat(cfg: TrainConfig, opts: ChatOptions, given: set[str]) -> None:
+    """llama.generate's chat on the base model with --adapter on it, in the template and quantization the adapter's
+    run trained with (its run_config.json) unless --template or --quant is given."""
     run_cfg = Path(cfg.adapter).parent / "run_config.json" if cfg.adapter else None
-    if run_cfg and run_cfg.exists() and not any(a == "--template" or a.startswith("--template=") for a in argv):
-        cfg.template = json.loads(run_cfg.read_text())["template"]
+    trained = json.loads(run_cfg.read_text()) if run_cfg and run_cfg.exists() else {}
+    for name in ("template", "quant"):
+        if name in trained and name not in given:
+            setattr(cfg, name, trained[name])
+    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype, cfg.ckpt)
     hook = quantize_hook(cfg, device, dtype)
     tok_dir = cfg.adapter if cfg.adapter and (Path(cfg.adapter) / "tokenizer.model").exists() else None
     try:
@@ -933,11 +1003,11 @@ def chat(cfg: TrainConfig, argv: list[str]) -> None:
         raise UserError(str(e)) from None
     if cfg.adapter:
         lora.load_adapter(model, cfg.adapter)
-    chat_loop(model, tokenizer, cfg.template)
+    chat_loop(model, tokenizer, cfg.template, opts)
 
 
-# `python train.py` with no arguments: QLoRA on the bundled tiny Llama (demo/make_demo.py builds it), then the
-# before/after answers to held-out prompts.
+# `python train.py` (no --ckpt, no --data): QLoRA on the bundled tiny Llama (demo/make_demo.py builds it), then the
+# before/after answers to held-out prompts; flags given go on top (`python train.py --merge`).
 DEMO_FLAGS = ["--quant", "nf4", "--seq-len", "256", "--batch-size", "8", "--grad-accum", "1", "--lr", "2e-3",
               "--epochs", "16", "--lora-dropout", "0", "--gen-eval", str(DEMO / "data" / "heldout.jsonl"),
               "--out", "out/demo", "--overwrite"]
@@ -945,13 +1015,14 @@ DEMO_FLAGS = ["--quant", "nf4", "--seq-len", "256", "--batch-size", "8", "--grad
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = parse_args(argv or DEMO_FLAGS)
+    cfg, chat_opts = parse_args(argv)
     fresh, dist = not Path(cfg.out).exists(), Dist()
     try:
         cfg.ckpt = str(resolve_checkpoint(cfg.ckpt))  # a repo id becomes its snapshot in the Hugging Face hub cache
         if cfg.chat:
-            chat(cfg, argv)
+            chat(cfg, chat_opts, given_flags(argv))
         else:
+            take_prepared_settings(cfg, given_flags(argv))
             dist = init_distributed()
             train(cfg, dist)
     except (UserError, CheckpointError, DataError) as e:

@@ -40,6 +40,9 @@ def test_run_prints_a_short_summary_and_saves_the_full_config(tiny_train_ckpt, t
     assert summary["output"] == f"  output: {out} (full config in {out / 'run_config.json'})"
     cfg = json.loads((out / "run_config.json").read_text())
     assert set(cfg) == {f.name for f in train.dataclasses.fields(train.TrainConfig)} and cfg["max_steps"] == 2
+    # the adapter names its base, so `python -m llama.generate --ckpt OUT/adapter` can say what to run instead
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tiny_train_ckpt)
 
 
 def bnb_kernel_warning_format() -> str:

@@ -18,7 +18,7 @@ from conftest import sample_labels
 from llama import ModelArgs, Tokenizer, Transformer, corpus
 from llama.chat import encode_chat
 from llama.data import DataError
-from llama.generate import resolve_device_dtype
+from llama.generate import ChatOptions, resolve_device_dtype
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from parity import pack, split_of  # noqa: E402  (whole-corpus packing by llama.corpus, shared with the parity benchmark)
@@ -71,11 +71,12 @@ def test_bad_rows_name_file_and_line(tmp_path, tok, row, expect):
 
 def test_cli_errors_exit_2_without_traceback(tmp_path, capsys):
     p = write_jsonl(tmp_path / "d.jsonl", ['{"messages": oops'])
-    rc = train.main(["--data", str(p), "--out", str(tmp_path / "o"), "--max-steps", "1"])
+    ckpt = ["--ckpt", str(train.DEMO / "tiny-llama")]
+    rc = train.main(ckpt + ["--data", str(p), "--out", str(tmp_path / "o"), "--max-steps", "1"])
     err = capsys.readouterr().err
     assert rc == 2 and "d.jsonl:1: not valid JSON" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
-    rc = train.main(["--data", str(p), "--out", str(tmp_path / "o"), "--prepare-data"])
+    rc = train.main(ckpt + ["--data", str(p), "--out", str(tmp_path / "o"), "--prepare-data"])
     assert rc == 2 and "d.jsonl:1: not valid JSON" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
@@ -325,21 +326,27 @@ def test_auto_dtype_is_bf16_on_cpu_only_for_big_checkpoints(tmp_path):
 
 
 def test_chat_uses_main_argv_and_the_runs_template(tmp_path, tiny_train_ckpt, monkeypatch, capsys):
-    """--chat hands the loaded model to llama.generate's chat loop; the template is the adapter's run's unless
-    main's own argv names one (sys.argv, here pytest's or a parent program's, is not looked at)."""
+    """--chat hands the loaded model and llama.generate's chat flags to its chat loop; the template and the
+    quantization are the adapter's run's unless main's own argv names them (sys.argv, here pytest's or a parent
+    program's, is not looked at)."""
     adapter = tmp_path / "run" / "adapter"
     adapter.mkdir(parents=True)
-    (tmp_path / "run" / "run_config.json").write_text(json.dumps({"template": "tulu"}))
+    (tmp_path / "run" / "run_config.json").write_text(json.dumps({"template": "tulu", "quant": "nf4"}))
     seen = []
     monkeypatch.setattr(train.lora, "load_adapter", lambda model, path: seen.append(("adapter", str(path))))
-    monkeypatch.setattr(train, "chat_loop", lambda model, tok, template: seen.append((template, model.args.dim)))
+    monkeypatch.setattr(train, "chat_loop", lambda model, tok, template, opts: seen.append((
+        template, model.args.dim, any(isinstance(m, train.quant.NF4Linear) for m in model.modules()), opts)))
     monkeypatch.setattr("sys.argv", ["train.py", "--template", "llama2"])
     base = ["--chat", "--ckpt", str(tiny_train_ckpt), "--adapter", str(adapter), "--dtype", "bf16"]
     assert train.main(base) == 0
-    assert train.main(base + ["--template", "oasst"]) == 0
+    assert train.main(base + ["--template", "oasst", "--quant", "none", "--temperature", "0", "--system", "Hi.",
+                              "--top-p", "0.5", "--max-new-tokens", "7", "--no-history"]) == 0
     assert train.main(base + ["--template=alpaca"]) == 0
-    assert seen == [("adapter", str(adapter)), ("tulu", 64)] + [("adapter", str(adapter)), ("oasst", 64)] + [
-        ("adapter", str(adapter)), ("alpaca", 64)]
+    meta_defaults = ChatOptions(system=None, max_new_tokens=512, temperature=0.6, top_p=0.9, no_history=False)
+    given = ChatOptions(system="Hi.", max_new_tokens=7, temperature=0.0, top_p=0.5, no_history=True)
+    assert seen == [("adapter", str(adapter)), ("tulu", 64, True, meta_defaults)] + [
+        ("adapter", str(adapter)), ("oasst", 64, False, given)] + [
+        ("adapter", str(adapter)), ("alpaca", 64, True, meta_defaults)]
     # a template whose special tokens the tokenizer lacks: llama.generate's check, as a clear error (exit 2)
     assert train.main(["--chat", "--ckpt", str(tiny_train_ckpt), "--template", "chatml"]) == 2
     assert "error: --template chatml needs the special tokens" in capsys.readouterr().err
