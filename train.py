@@ -33,6 +33,7 @@ import random
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,7 @@ from llama.model import resize_embeddings
 
 ROOT = Path(__file__).resolve().parent
 DEMO = ROOT / "demo"
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}  # torch.bfloat16 -> "bf16"
 
 
 # ---- Configuration: the dataclass defaults are the documentation; the CLI is generated from it (bottom of file).
@@ -137,12 +139,17 @@ class TrainConfig:
     save_every: int = flag(0, "0: no intermediate checkpoints")
     save_total_limit: int = 2
     resume: bool = False
-    merge: bool = flag(False, "also write the merged model to OUT/merged")
+    merge: bool = flag(False, "also write the merged model (and merge_report.json) to OUT/merged; with --adapter, "
+                              "merge that adapter into --ckpt and write it to --out instead of training")
     merge_layout: str = flag("hf", "", ("meta", "hf"))
+    report_data: str = flag("", "--merge --adapter: the data file the merge report compares on (default: the "
+                                "adapter's run's corpus)")
+    report_dense_merge: bool = flag(True, "with an NF4 base, the merge report also scores the adapter merged into "
+                                          "the original dense weights (the common mistake; loads the dense base again)")
     gen_eval: str = flag("", "JSONL of dialogs whose last assistant turn is the expected answer")
-    # chat with a result instead of training
+    # instead of training: chat with a result, or merge it (--merge)
     chat: bool = False
-    adapter: str = ""
+    adapter: str = flag("", "the adapter folder for --chat or --merge")
 
 
 class UserError(Exception):
@@ -629,7 +636,7 @@ def summary_lines(cfg: TrainConfig, run: Run, data: Data, quantized: bool) -> li
         mode = f"QLoRA: NF4 base + {adapters}" if quantized else f"{adapters} (base not quantized)"
     # an NF4 weight counts as its in * out values; an FSDP-sharded weight as its whole (a DTensor's numel is global)
     n_train, n_total = lora.count_parameters(run.model)
-    precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[run.dtype]
+    precision = DTYPE_NAMES[run.dtype]
     stats, n_tokens, out = data.stats, int(data.train.offsets[-1]), run.out
     total, per_epoch = run.total, run.steps_per_epoch
     size = f"{disk / 1e9:.1f} GB" if disk >= 1e9 else f"{disk / 1e6:.1f} MB"
@@ -674,7 +681,9 @@ def start_run(cfg: TrainConfig, run: Run, data: Data, quantized: bool) -> None:
         if cfg.resume and (out / "metrics.jsonl").exists():  # drop lines logged after the checkpoint
             kept = [ln for ln in (out / "metrics.jsonl").read_text().splitlines() if json.loads(ln)["step"] <= run.step]
             (out / "metrics.jsonl").write_text("".join(ln + "\n" for ln in kept))
-        (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        # quant and dtype as resolved ("auto" decided): the merge command loads the base as this run had it
+        resolved = {"quant": "nf4" if quantized else "none", "dtype": DTYPE_NAMES[run.dtype]}
+        (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg) | resolved, indent=2))
         (out / "data_stats.json").write_text(json.dumps(data.stats, indent=2))
 
 
@@ -731,15 +740,139 @@ def write_outputs(cfg: TrainConfig, run: Run, data: Data, last: dict, gen_eval, 
         if dist.rank == 0:
             print_gen_eval(gen_eval, before, after)
     if cfg.merge and not cfg.full and dist.rank == 0:
-        lora.merge_lora(model)
-        save_model(model, out / "merged", layout=cfg.merge_layout, tokenizer=tokenizer, template=cfg.template)
-        print(f"merged model ({cfg.merge_layout} layout) written to {out / 'merged'}")
+        splits = {"train": data.train} if data.val is None else {"val": data.val}
+        merge_model(cfg, model, tokenizer, report_sample(splits, "the run's corpus"), out / "merged", out / "adapter")
     if dist.rank == 0:
         plot_loss(out)
         (out / "result.json").write_text(json.dumps(result, indent=2))
         print(f"done: {run.step} steps; outputs in {out}", flush=True)
     dist.barrier()
     return result
+
+
+# ---- Merging: the adapter folded into its base, one dense model (the in-run --merge and the `--merge --adapter`
+# command both call merge_model), and a report that the merged model computes what the adapter on that base did.
+# The report runs a sample through the adapter on its base (the reference), then through the merged model, and
+# compares the next-token distributions at the trained (assistant) positions: mean KL(reference || merged) per
+# token, each model's perplexity, and how often the two argmax tokens agree. Over an NF4 base it also scores the
+# common mistake: the adapter merged into the original dense weights, not the dequantized NF4 ones it trained on.
+
+REPORT_SAMPLES, REPORT_TOKENS = 64, 2048  # the report's sample: the first samples of a split, at most these
+# A merged model whose KL exceeds this (nats per trained token) is a warning. In fp32 merging only reorders sums.
+# In bf16/fp16 the merged W + s * B @ A is rounded to the weight's 8 (11) mantissa bits, which the unmerged model
+# never does: a correct merge stays an order of magnitude below the limit, a merge into the wrong base weights
+# (the dense ones under an NF4-trained adapter) lands above it (the measured values: docs/exports.md).
+KL_WARN = {torch.float32: 1e-3, torch.bfloat16: 5e-3, torch.float16: 5e-3}
+
+
+class MergedLinear(torch.nn.Module):
+    """A LoRALinear read as its merged weight W + s * B @ A (`merged_weight`), made each time it is used and
+    dropped after: forward multiplies by it, and save_model writes it one tensor at a time (a module with
+    dequantize() and no .weight, as an NF4Linear), so the merged model is only ever dense one layer at a time."""
+
+    def __init__(self, adapted: lora.LoRALinear):
+        super().__init__()
+        assert getattr(adapted.base, "bias", None) is None  # Llama's projections have no bias
+        self.in_features, self.out_features = adapted.in_features, adapted.out_features
+        self.dequantize = adapted.merged_weight  # a bound method: the LoRALinear is not a registered submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.dequantize())
+
+
+def report_sample(splits: dict[str, corpus.Split], source: str) -> tuple[str, list[dict]]:
+    """(what it is, batches): the first samples of the val split (else the training split), at most REPORT_SAMPLES
+    and REPORT_TOKENS tokens, packed into rows as training packs them, each row cut after its last sample."""
+    name = "val" if "val" in splits else "train"
+    split = splits[name]
+    n = min(len(split), REPORT_SAMPLES, max(1, int(np.searchsorted(split.offsets, REPORT_TOKENS, "right")) - 1))
+    sub = corpus.Split(split.ids, split.mask, split.offsets[:n + 1], split.targets[:n], pack_seq_len=split.pack_seq_len)
+    lengths = sub.lengths
+    rows = corpus.make_rows(sub, sub.pack_seq_len or int(lengths.max()))
+    batches = []
+    for r in range(len(rows)):
+        used = int(lengths[rows.samples[rows.starts[r]:rows.starts[r + 1]]].sum())
+        b = corpus.build_batch(sub, rows, [r], max(sub.pack_seq_len, used), 0)
+        batches.append({k: torch.from_numpy(v[:, :used]) for k, v in b.items()})
+    return f"{n} samples of the {name} split of {source}", batches
+
+
+@torch.no_grad()
+def score(model, batches: list[dict], ref: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Runs the sample: (log-probs [trained positions, vocab] in fp64, {"ppl"}); given the reference's log-probs
+    `ref`, ({"kl", "ppl", "top1_agreement"}) against them instead, keeping nothing."""
+    model.eval()
+    device = model.tok_embeddings.weight.device
+    logps, nll, kl, agree, n = [], 0.0, 0.0, 0, 0
+    for b in batches:
+        keep = (b["labels"] != -100).to(device)
+        logp = torch.log_softmax(model(b["tokens"].to(device), b["doc_ids"].to(device))[keep].double(), -1)
+        nll -= logp.gather(1, b["labels"].to(device)[keep][:, None]).sum().item()
+        if ref is None:
+            logps.append(logp)
+        else:
+            r = ref[n:n + len(logp)]
+            kl += (r.exp() * (r - logp)).sum().item()
+            agree += (r.argmax(-1) == logp.argmax(-1)).sum().item()
+        n += len(logp)
+    stats = {"ppl": math.exp(nll / n)}
+    if ref is not None:
+        return ref, {"kl": kl / n, **stats, "top1_agreement": agree / n}
+    return torch.cat(logps), stats
+
+
+def dense_merge(cfg: TrainConfig, adapter: Path, like: torch.Tensor) -> Transformer:
+    """The common mistake, for the report: the adapter merged into the base's original dense weights (loaded once
+    more, in `like`'s dtype and device) instead of the dequantized NF4 ones it was trained on."""
+    model = load_model(cfg.ckpt, dtype=like.dtype, device=like.device)
+    resize_embeddings(model, like.shape[0])
+    lora.load_adapter(model, adapter)
+    return lora.merge_lora(model)
+
+
+def merge_model(cfg: TrainConfig, model, tokenizer: Tokenizer, sample: tuple[str, list[dict]], dest: Path,
+                adapter: Path) -> dict:
+    """`model` (the adapter on the base it was trained on) -> the merged model in `dest` (--merge-layout, with the
+    tokenizer files, chat template and generation config) and its report, merge_report.json. Each projection
+    becomes a MergedLinear: an NF4 base is dequantized, the update added in fp32, kept dense."""
+    w = model.tok_embeddings.weight
+    nf4 = any(hasattr(m.base, "dequantize") for m in model.modules() if isinstance(m, lora.LoRALinear))
+    ref, on_base = score(model, sample[1])
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, lora.LoRALinear):
+                setattr(module, name, MergedLinear(child))
+    model.lora_config = None
+    report = {"layout": cfg.merge_layout, "sample": sample[0], "trained_tokens": len(ref),
+              "positions": "trained (assistant) tokens", "dtype": DTYPE_NAMES[w.dtype], "kl_warn": KL_WARN[w.dtype],
+              "base": "nf4" if nf4 else "dense",
+              "adapter_on_base": on_base, "merged": score(model, sample[1], ref)[1]}
+    if nf4:
+        report["dense_merge"] = (score(dense_merge(cfg, adapter, w), sample[1], ref)[1] if cfg.report_dense_merge
+                                 else "not measured (--no-report-dense-merge)")
+    del ref
+    save_model(model, dest, layout=cfg.merge_layout, tokenizer=tokenizer, template=cfg.template)
+    (dest / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print_merge_report(report, dest)
+    return report
+
+
+def print_merge_report(report: dict, dest: Path) -> None:
+    kl = report["merged"]["kl"]
+    print(f"merge report: {report['sample']}, {report['trained_tokens']:,} trained tokens, {report['dtype']}")
+    print(f"  {'model':<40} {'KL nats/token':>13} {'perplexity':>10} {'top-1 agree':>11}")
+    base = "NF4 base (as trained)" if report["base"] == "nf4" else "base"
+    rows = [(f"adapter on its {base}", report["adapter_on_base"]),
+            ("merged" + (" (dequantized NF4 + update)" if report["base"] == "nf4" else ""), report["merged"])]
+    if isinstance(report.get("dense_merge"), dict):
+        rows.append(("dense base + update (the common mistake)", report["dense_merge"]))
+    for label, r in rows:
+        k, a = (f"{r['kl']:.2e}", f"{r['top1_agreement']:.1%}") if "kl" in r else ("-", "-")
+        print(f"  {label:<40} {k:>13} {r['ppl']:>10.4f} {a:>11}")
+    print(f"merged model ({report['layout']} layout) written to {dest}", flush=True)
+    if kl > report["kl_warn"]:
+        print(f"warning: the merged model {dest} is not the model that was trained: KL {kl:.2e} nats/token from the "
+              f"adapter on its base, above {report['kl_warn']:g} for {report['dtype']}", file=sys.stderr, flush=True)
 
 
 # ---- Several processes (torchrun): full fine-tuning shards every block with FSDP2; LoRA/QLoRA replicate the
@@ -916,13 +1049,30 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
+def given(argv: list[str], option: str) -> bool:
+    """Whether `option` (e.g. "--template") is on this command line (main's argv; sys.argv is never looked at)."""
+    return any(a == option or a.startswith(option + "=") for a in argv)
+
+
+def adapter_run(cfg: TrainConfig, argv: list[str], keys: tuple[str, ...]) -> dict:
+    """The run_config.json of the run that wrote --adapter (OUT/run_config.json beside OUT/adapter; {} for an adapter
+    from elsewhere). Its values of `keys` replace cfg's, except those given on the command line."""
+    file = Path(cfg.adapter).parent / "run_config.json"
+    try:
+        run = json.loads(file.read_text()) if cfg.adapter and file.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{file}: cannot be read as JSON ({e})") from None
+    for k in keys:
+        if k in run and not given(argv, "--" + k.replace("_", "-")):
+            setattr(cfg, k, run[k])
+    return run
+
+
 def chat(cfg: TrainConfig, argv: list[str]) -> None:
     """llama.generate's chat on the base model, NF4-quantized as --quant says, with --adapter on it; the template
     is the adapter's run's unless --template is given."""
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype, cfg.ckpt)
-    run_cfg = Path(cfg.adapter).parent / "run_config.json" if cfg.adapter else None
-    if run_cfg and run_cfg.exists() and not any(a == "--template" or a.startswith("--template=") for a in argv):
-        cfg.template = json.loads(run_cfg.read_text())["template"]
+    adapter_run(cfg, argv, ("template",))
     hook = quantize_hook(cfg, device, dtype)
     tok_dir = cfg.adapter if cfg.adapter and (Path(cfg.adapter) / "tokenizer.model").exists() else None
     try:
@@ -932,6 +1082,49 @@ def chat(cfg: TrainConfig, argv: list[str]) -> None:
     if cfg.adapter:
         lora.load_adapter(model, cfg.adapter)
     chat_loop(model, tokenizer, cfg.template)
+
+
+def merge_command(cfg: TrainConfig, argv: list[str]) -> None:
+    """`--merge --adapter DIR --out OUT`: a saved adapter (ours or PEFT's) merged into --ckpt, written to OUT with its
+    report; no training. The base is loaded as the adapter was trained on it: NF4 when its run's run_config.json
+    says so, else as --quant says (auto: dense); the run's template and dtype unless given. Every input is checked
+    (the adapter against the base's shapes on the meta device, before the weights load) before OUT is written."""
+    adapter, out = Path(cfg.adapter), Path(cfg.out)
+    if given(argv, "--data") or not given(argv, "--out"):
+        raise UserError("--merge --adapter merges a trained adapter instead of training: give --out (the folder for "
+                        "the merged model) and no --data (the report's sample is --report-data FILE)")
+    if not adapter.is_dir():
+        raise UserError(f"--adapter {adapter}: no such folder")
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (adapter / f).is_file():
+            raise UserError(f"--adapter {adapter}: no {f} in it (expected a PEFT LoRA adapter folder)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
+        raise UserError(f"--out {out} already exists; pass --overwrite to replace it, or choose another --out")
+    trained = adapter_run(cfg, argv, ("template", "dtype")).get("quant")  # "nf4" / "none" (runs before: "auto")
+    if trained in ("nf4", "none") and given(argv, "--quant") and cfg.quant != trained:
+        raise UserError(f"--quant {cfg.quant}: the adapter was trained on a {trained} base ({adapter.parent} "
+                        "/run_config.json), and merged into other weights it is another model; leave --quant out")
+    nf4 = trained == "nf4" or (trained not in ("nf4", "none") and cfg.quant == "nf4")
+    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype, cfg.ckpt)
+    tok_dir = adapter if (adapter / "tokenizer.model").is_file() else None
+    print(f"merge: {adapter} into {cfg.ckpt} ({'NF4' if nf4 else DTYPE_NAMES[dtype]} base, template {cfg.template})")
+    try:
+        lora.load_adapter(load_chat_model(cfg.ckpt, cfg.template, "meta", dtype, tok_dir)[0], adapter)
+        hook = quant.quantize_on_load(compute_dtype=dtype) if nf4 else None
+        model, tokenizer = load_chat_model(cfg.ckpt, cfg.template, device, dtype, tok_dir, hook, load_progress())
+        lora.load_adapter(model, adapter)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    run_corpus = adapter.parent / "data"
+    if not cfg.report_data and corpus.is_prepared(run_corpus):
+        sample = report_sample(corpus.open_corpus(run_corpus)[1], "the run's corpus")
+    else:  # a data file rendered in the template: --report-data, or the demo's held-out chats
+        file = cfg.report_data or str(DEMO / "data" / "heldout.jsonl")
+        opts = dataclasses.replace(data_options(cfg), seq_len=min(cfg.seq_len, model.args.max_seq_len), val_split=0)
+        with tempfile.TemporaryDirectory() as tmp:
+            corpus.prepare_corpus([file], tokenizer, Path(tmp) / "sample", opts, workers=1)
+            sample = report_sample(corpus.open_corpus(Path(tmp) / "sample")[1], file)
+    merge_model(cfg, model, tokenizer, sample, out, adapter)
 
 
 # `python train.py` with no arguments: QLoRA on the bundled tiny Llama (demo/make_demo.py builds it), then the
@@ -949,6 +1142,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.ckpt = str(resolve_checkpoint(cfg.ckpt))  # a repo id becomes its snapshot in the Hugging Face hub cache
         if cfg.chat:
             chat(cfg, argv)
+        elif cfg.merge and cfg.adapter:  # merge a saved adapter; --merge alone merges at the end of training
+            merge_command(cfg, argv)
         else:
             dist = init_distributed()
             train(cfg, dist)
