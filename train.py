@@ -7,7 +7,8 @@ Read top to bottom, it is the pipeline, in the order a run meets it:
        -> row plans packing it into rows of --seq-len -> micro-batches built when drawn
     -> model: Meta checkpoint -> NF4 quantize while loading -> LoRA
     -> optimizer and schedule -> one step -> eval -> checkpoints -> outputs: the PEFT adapter (and optionally a
-       merged model) -> several processes -> train(): the loop -> the command line
+       merged model, with a report comparing it to the adapter on its base) -> several processes -> train(): the loop
+    -> the command line (also --chat, and --merge --adapter: merging a saved adapter without training)
 
 The loss is next-token cross-entropy on assistant tokens only, averaged over every trained token of
 an optimizer step (all micro-batches together), so gradient accumulation and packing do not change
@@ -17,6 +18,7 @@ what is optimised: a packed batch gives the same loss as its documents run one b
     python train.py --ckpt llama-2-7b --data chats.jsonl --quant nf4
     python train.py --prepare-data --ckpt llama-2-7b --data chats.jsonl --out out/run   # tokenize only
     python train.py --chat --ckpt llama-2-7b --adapter out/run/adapter
+    python train.py --merge --ckpt llama-2-7b --adapter out/run/adapter --out out/merged   # merge later
 """
 from __future__ import annotations
 
@@ -758,10 +760,11 @@ def write_outputs(cfg: TrainConfig, run: Run, data: Data, last: dict, gen_eval, 
 # common mistake: the adapter merged into the original dense weights, not the dequantized NF4 ones it trained on.
 
 REPORT_SAMPLES, REPORT_TOKENS = 64, 2048  # the report's sample: the first samples of a split, at most these
-# A merged model whose KL exceeds this (nats per trained token) is a warning. In fp32 merging only reorders sums.
-# In bf16/fp16 the merged W + s * B @ A is rounded to the weight's 8 (11) mantissa bits, which the unmerged model
-# never does: a correct merge stays an order of magnitude below the limit, a merge into the wrong base weights
-# (the dense ones under an NF4-trained adapter) lands above it (the measured values: docs/exports.md).
+MERGED_SHARD_BYTES = 2 * 10**9  # HF layout: save_model makes one shard at a time, all the merge adds to the base
+# A merged model whose KL from the adapter on its base exceeds this (nats per trained token) is a warning: it is not
+# the model that was trained. In fp32 a correct merge only reorders sums (its KL is rounding noise, many orders
+# below); in bf16/fp16 the merged W + s * B @ A is also rounded to the weight's 8 (11) mantissa bits, which the
+# unmerged model never does, so the limit is higher (measured values: docs/exports.md).
 KL_WARN = {torch.float32: 1e-3, torch.bfloat16: 5e-3, torch.float16: 5e-3}
 
 
@@ -798,9 +801,9 @@ def report_sample(splits: dict[str, corpus.Split], source: str) -> tuple[str, li
 
 
 @torch.no_grad()
-def score(model, batches: list[dict], ref: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """Runs the sample: (log-probs [trained positions, vocab] in fp64, {"ppl"}); given the reference's log-probs
-    `ref`, ({"kl", "ppl", "top1_agreement"}) against them instead, keeping nothing."""
+def score(model, batches: list[dict], ref: torch.Tensor | None = None) -> tuple[dict, torch.Tensor | None]:
+    """Runs the sample: ({"ppl"}, log-probs [trained positions, vocab] in fp64); given the reference's log-probs
+    `ref`, ({"kl", "ppl", "top1_agreement"} against them, None), keeping nothing."""
     model.eval()
     device = model.tok_embeddings.weight.device
     logps, nll, kl, agree, n = [], 0.0, 0.0, 0, 0
@@ -815,10 +818,9 @@ def score(model, batches: list[dict], ref: torch.Tensor | None = None) -> tuple[
             kl += (r.exp() * (r - logp)).sum().item()
             agree += (r.argmax(-1) == logp.argmax(-1)).sum().item()
         n += len(logp)
-    stats = {"ppl": math.exp(nll / n)}
-    if ref is not None:
-        return ref, {"kl": kl / n, **stats, "top1_agreement": agree / n}
-    return torch.cat(logps), stats
+    if ref is None:
+        return {"ppl": math.exp(nll / n)}, torch.cat(logps)
+    return {"kl": kl / n, "ppl": math.exp(nll / n), "top1_agreement": agree / n}, None
 
 
 def dense_merge(cfg: TrainConfig, adapter: Path, like: torch.Tensor) -> Transformer:
@@ -837,7 +839,7 @@ def merge_model(cfg: TrainConfig, model, tokenizer: Tokenizer, sample: tuple[str
     becomes a MergedLinear: an NF4 base is dequantized, the update added in fp32, kept dense."""
     w = model.tok_embeddings.weight
     nf4 = any(hasattr(m.base, "dequantize") for m in model.modules() if isinstance(m, lora.LoRALinear))
-    ref, on_base = score(model, sample[1])
+    on_base, ref = score(model, sample[1])
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, lora.LoRALinear):
@@ -846,12 +848,13 @@ def merge_model(cfg: TrainConfig, model, tokenizer: Tokenizer, sample: tuple[str
     report = {"layout": cfg.merge_layout, "sample": sample[0], "trained_tokens": len(ref),
               "positions": "trained (assistant) tokens", "dtype": DTYPE_NAMES[w.dtype], "kl_warn": KL_WARN[w.dtype],
               "base": "nf4" if nf4 else "dense",
-              "adapter_on_base": on_base, "merged": score(model, sample[1], ref)[1]}
+              "adapter_on_base": on_base, "merged": score(model, sample[1], ref)[0]}
     if nf4:
-        report["dense_merge"] = (score(dense_merge(cfg, adapter, w), sample[1], ref)[1] if cfg.report_dense_merge
+        report["dense_merge"] = (score(dense_merge(cfg, adapter, w), sample[1], ref)[0] if cfg.report_dense_merge
                                  else "not measured (--no-report-dense-merge)")
     del ref
-    save_model(model, dest, layout=cfg.merge_layout, tokenizer=tokenizer, template=cfg.template)
+    save_model(model, dest, layout=cfg.merge_layout, tokenizer=tokenizer, template=cfg.template,
+               max_shard_size=MERGED_SHARD_BYTES)
     (dest / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
     print_merge_report(report, dest)
     return report
@@ -1030,7 +1033,7 @@ def train(cfg: TrainConfig, dist: Dist) -> dict:
     return write_outputs(cfg, run, data, last, gen_eval, before)
 
 
-# ---- The command line: flags generated from TrainConfig; --chat; `python train.py` alone runs the demo.
+# ---- The command line: flags from TrainConfig; --chat; --merge --adapter; `python train.py` alone runs the demo.
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:

@@ -81,14 +81,14 @@ def test_command_writes_the_in_run_merge_byte_for_byte(demo_run, tmp_path, capsy
 
 def test_report_right_merge_near_zero_dense_merge_worse(demo_run):
     """NF4-trained: the merged model (dequantized NF4 + update) computes what the adapter on its NF4 base computed;
-    the adapter merged into the original dense weights does not, by more than the warning threshold. The
-    adapter's perplexity on the val split is the run's own final eval perplexity (computed by evaluate())."""
+    the adapter merged into the original dense weights does not, by orders of magnitude. The adapter's perplexity
+    on the val split is the run's own final eval perplexity (computed by evaluate())."""
     out = demo_run("nf4", "meta", "chatml", "--val-split", "0.1")
     report = json.loads((out / "merged" / "merge_report.json").read_text())
     right, wrong = report["merged"], report["dense_merge"]
     assert abs(right["kl"]) < 1e-9 and right["top1_agreement"] == 1.0
     assert math.isclose(right["ppl"], report["adapter_on_base"]["ppl"], rel_tol=1e-6)
-    assert wrong["kl"] > report["kl_warn"] > 1e6 * right["kl"]
+    assert wrong["kl"] > 1e4 * max(right["kl"], 1e-15)
     assert wrong["top1_agreement"] < right["top1_agreement"]
     assert abs(math.log(wrong["ppl"] / right["ppl"])) > 1e-4
     stats = json.loads((out / "data_stats.json").read_text())
