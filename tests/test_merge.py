@@ -228,6 +228,7 @@ BAD = {  # name: (how the adapter folder is spoiled, extra flags, what the error
                 "target_modules ['q_proj', 'v_proj'], but adapter_model.safetensors holds adapters for"),
     "no folder": (lambda d: shutil.rmtree(d), [], "no such folder"),
     "data given": (lambda d: None, ["--data", "x.jsonl"], "give --out (the folder for the merged model) and no --data"),
+    "report data": (lambda d: None, ["--report-data", "nowhere.jsonl"], "nowhere.jsonl"),
 }
 
 
