@@ -7,7 +7,8 @@ Read top to bottom, it is the pipeline, in the order a run meets it:
        -> row plans packing it into rows of --seq-len -> micro-batches built when drawn
     -> model: Meta checkpoint -> NF4 quantize while loading -> LoRA
     -> optimizer and schedule -> one step -> eval -> checkpoints -> outputs: the PEFT adapter (and optionally a
-       merged model) -> several processes -> train(): the loop -> the command line
+       merged model, with a report comparing it to the adapter on its base) -> several processes -> train(): the loop
+    -> the command line (also --chat, and --merge --adapter: merging a saved adapter without training)
 
 The loss is next-token cross-entropy on assistant tokens only, averaged over every trained token of
 an optimizer step (all micro-batches together), so gradient accumulation and packing do not change
@@ -18,6 +19,7 @@ what is optimised: a packed batch gives the same loss as its documents run one b
     python train.py --ckpt llama-2-7b --data chats.jsonl --quant nf4
     python train.py --prepare-data --ckpt llama-2-7b --data chats.jsonl --out out/run   # tokenize only
     python train.py --chat --ckpt llama-2-7b --adapter out/run/adapter
+    python train.py --merge --ckpt llama-2-7b --adapter out/run/adapter --out out/merged   # merge later
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import random
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +70,7 @@ from llama.model import resize_embeddings
 
 ROOT = Path(__file__).resolve().parent
 DEMO = ROOT / "demo"
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}  # torch.bfloat16 -> "bf16"
 
 
 # ---- Configuration: the dataclass defaults are the documentation; the CLI is generated from it (bottom of file).
@@ -142,11 +146,17 @@ class TrainConfig:
     save_every: int = flag(0, "checkpoint every N steps (0: no intermediate checkpoints)")
     save_total_limit: int = flag(2, "checkpoints kept (0: all)")
     gen_eval: str = flag("", "JSONL of dialogs whose last assistant turn is the expected answer")
-    merge: bool = flag(False, "also write the merged model to OUT/merged", section="merge and chat")
+    merge: bool = flag(False, "also write the merged model (and merge_report.json) to OUT/merged; with --adapter, "
+                              "merge that adapter into --ckpt and write it to --out instead of training",
+                       section="merge and chat")
     merge_layout: str = flag("hf", "layout of OUT/merged: hf (config.json + safetensors) or meta (consolidated.00.pth)",
                              ("meta", "hf"))
+    report_data: str = flag("", "--merge --adapter: the data file the merge report compares on (default: the "
+                                "adapter's run's corpus)")
+    report_dense_merge: bool = flag(True, "with an NF4 base, the merge report also scores the adapter merged into "
+                                          "the original dense weights (the common mistake; loads the dense base again)")
     chat: bool = flag(False, "chat with --ckpt (and --adapter) instead of training; takes the flags below")
-    adapter: str = flag("", "with --chat: a LoRA adapter folder (OUT/adapter) to load onto --ckpt")
+    adapter: str = flag("", "a LoRA adapter folder (OUT/adapter) to chat with (--chat) or merge (--merge) onto --ckpt")
 
 
 class UserError(Exception):
@@ -648,7 +658,7 @@ def summary_lines(cfg: TrainConfig, run: Run, data: Data, quantized: bool) -> li
         mode = f"QLoRA: NF4 base + {adapters}" if quantized else f"{adapters} (base not quantized)"
     # an NF4 weight counts as its in * out values; an FSDP-sharded weight as its whole (a DTensor's numel is global)
     n_train, n_total = lora.count_parameters(run.model)
-    precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[run.dtype]
+    precision = DTYPE_NAMES[run.dtype]
     stats, n_tokens, out = data.stats, int(data.train.offsets[-1]), run.out
     total, per_epoch = run.total, run.steps_per_epoch
     size = f"{disk / 1e9:.1f} GB" if disk >= 1e9 else f"{disk / 1e6:.1f} MB"
@@ -693,7 +703,9 @@ def start_run(cfg: TrainConfig, run: Run, data: Data, quantized: bool) -> None:
         if cfg.resume and (out / "metrics.jsonl").exists():  # drop lines logged after the checkpoint
             kept = [ln for ln in (out / "metrics.jsonl").read_text().splitlines() if json.loads(ln)["step"] <= run.step]
             (out / "metrics.jsonl").write_text("".join(ln + "\n" for ln in kept))
-        (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        # quant and dtype as resolved ("auto" decided): the merge command loads the base as this run had it
+        resolved = {"quant": "nf4" if quantized else "none", "dtype": DTYPE_NAMES[run.dtype]}
+        (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg) | resolved, indent=2))
         (out / "data_stats.json").write_text(json.dumps(data.stats, indent=2))
 
 
@@ -750,15 +762,141 @@ def write_outputs(cfg: TrainConfig, run: Run, data: Data, last: dict, gen_eval, 
         if dist.rank == 0:
             print_gen_eval(gen_eval, before, after)
     if cfg.merge and not cfg.full and dist.rank == 0:
-        lora.merge_lora(model)
-        save_model(model, out / "merged", layout=cfg.merge_layout, tokenizer=tokenizer, template=cfg.template)
-        print(f"merged model ({cfg.merge_layout} layout) written to {out / 'merged'}")
+        splits = {"train": data.train} if data.val is None else {"val": data.val}
+        merge_model(cfg, model, tokenizer, report_sample(splits, "the run's corpus"), out / "merged", out / "adapter")
     if dist.rank == 0:
         plot_loss(out)
         (out / "result.json").write_text(json.dumps(result, indent=2))
         print(f"done: {plural(run.step, 'step')}; outputs in {out}", flush=True)
     dist.barrier()
     return result
+
+
+# ---- Merging: the adapter folded into its base, one dense model (the in-run --merge and the `--merge --adapter`
+# command both call merge_model), and a report that the merged model computes what the adapter on that base did.
+# The report runs a sample through the adapter on its base (the reference), then through the merged model, and
+# compares the next-token distributions at the trained (assistant) positions: mean KL(reference || merged) per
+# token, each model's perplexity, and how often the two argmax tokens agree. Over an NF4 base it also scores the
+# common mistake: the adapter merged into the original dense weights, not the dequantized NF4 ones it trained on.
+
+REPORT_SAMPLES, REPORT_TOKENS = 64, 2048  # the report's sample: the first samples of a split, at most these
+MERGED_SHARD_BYTES = 2 * 10**9  # HF layout: save_model makes one shard at a time, all the merge adds to the base
+# A merged model whose KL from the adapter on its base exceeds this (nats per trained token) is a warning: it is not
+# the model that was trained. In fp32 a correct merge only reorders sums (its KL is rounding noise, many orders
+# below). In bf16/fp16 the merged W + s * B @ A is also rounded to the weight's 8 (11) mantissa bits, which the
+# unmerged model never does, and most of a small update is below that step: a correct merge costs much more,
+# hence the higher limit (measured values: docs/exports.md).
+KL_WARN = {torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+class MergedLinear(torch.nn.Module):
+    """A LoRALinear read as its merged weight W + s * B @ A (`merged_weight`), made each time it is used and
+    dropped after: forward multiplies by it, and save_model writes it one tensor at a time (a module with
+    dequantize() and no .weight, as an NF4Linear), so the merged model is only ever dense one layer at a time."""
+
+    def __init__(self, adapted: lora.LoRALinear):
+        super().__init__()
+        assert getattr(adapted.base, "bias", None) is None  # Llama's projections have no bias
+        self.in_features, self.out_features = adapted.in_features, adapted.out_features
+        self.dequantize = adapted.merged_weight  # a bound method: the LoRALinear is not a registered submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.dequantize())
+
+
+def report_sample(splits: dict[str, corpus.Split], source: str) -> tuple[str, list[dict]]:
+    """(what it is, batches): the first samples of the val split (else the training split), at most REPORT_SAMPLES
+    and REPORT_TOKENS tokens, packed into rows as training packs them, each row cut after its last sample."""
+    name = "val" if "val" in splits else "train"
+    split = splits[name]
+    n = min(len(split), REPORT_SAMPLES, max(1, int(np.searchsorted(split.offsets, REPORT_TOKENS, "right")) - 1))
+    sub = corpus.Split(split.ids, split.mask, split.offsets[:n + 1], split.targets[:n], pack_seq_len=split.pack_seq_len)
+    lengths = sub.lengths
+    rows = corpus.make_rows(sub, sub.pack_seq_len or int(lengths.max()))
+    batches = []
+    for r in range(len(rows)):
+        used = int(lengths[rows.samples[rows.starts[r]:rows.starts[r + 1]]].sum())
+        b = corpus.build_batch(sub, rows, [r], max(sub.pack_seq_len, used), 0)
+        batches.append({k: torch.from_numpy(v[:, :used]) for k, v in b.items()})
+    return f"{n} samples of the {name} split of {source}", batches
+
+
+@torch.no_grad()
+def score(model, batches: list[dict], ref: torch.Tensor | None = None) -> tuple[dict, torch.Tensor | None]:
+    """Runs the sample: ({"ppl"}, log-probs [trained positions, vocab] in fp64); given the reference's log-probs
+    `ref`, ({"kl", "ppl", "top1_agreement"} against them, None), keeping nothing."""
+    model.eval()
+    device = model.tok_embeddings.weight.device
+    logps, nll, kl, agree, n = [], 0.0, 0.0, 0, 0
+    for b in batches:
+        keep = (b["labels"] != -100).to(device)
+        logp = torch.log_softmax(model(b["tokens"].to(device), b["doc_ids"].to(device))[keep].double(), -1)
+        nll -= logp.gather(1, b["labels"].to(device)[keep][:, None]).sum().item()
+        if ref is None:
+            logps.append(logp)
+        else:
+            r = ref[n:n + len(logp)]
+            kl += (r.exp() * (r - logp)).sum().item()
+            agree += (r.argmax(-1) == logp.argmax(-1)).sum().item()
+        n += len(logp)
+    if ref is None:
+        return {"ppl": math.exp(nll / n)}, torch.cat(logps)
+    return {"kl": kl / n, "ppl": math.exp(nll / n), "top1_agreement": agree / n}, None
+
+
+def dense_merge(cfg: TrainConfig, adapter: Path, like: torch.Tensor) -> Transformer:
+    """The common mistake, for the report: the adapter merged into the base's original dense weights (loaded once
+    more, in `like`'s dtype and device) instead of the dequantized NF4 ones it was trained on."""
+    model = load_model(cfg.ckpt, dtype=like.dtype, device=like.device)
+    resize_embeddings(model, like.shape[0])
+    lora.load_adapter(model, adapter)
+    return lora.merge_lora(model)
+
+
+def merge_model(cfg: TrainConfig, model, tokenizer: Tokenizer, sample: tuple[str, list[dict]], dest: Path,
+                adapter: Path) -> dict:
+    """`model` (the adapter on the base it was trained on) -> the merged model in `dest` (--merge-layout, with the
+    tokenizer files, chat template and generation config) and its report, merge_report.json. Each projection
+    becomes a MergedLinear: an NF4 base is dequantized, the update added in fp32, kept dense."""
+    w = model.tok_embeddings.weight
+    nf4 = any(hasattr(m.base, "dequantize") for m in model.modules() if isinstance(m, lora.LoRALinear))
+    on_base, ref = score(model, sample[1])
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, lora.LoRALinear):
+                setattr(module, name, MergedLinear(child))
+    model.lora_config = None
+    report = {"layout": cfg.merge_layout, "sample": sample[0], "trained_tokens": len(ref),
+              "positions": "trained (assistant) tokens", "dtype": DTYPE_NAMES[w.dtype], "kl_warn": KL_WARN[w.dtype],
+              "base": "nf4" if nf4 else "dense",
+              "adapter_on_base": on_base, "merged": score(model, sample[1], ref)[0]}
+    if nf4:
+        report["dense_merge"] = (score(dense_merge(cfg, adapter, w), sample[1], ref)[0] if cfg.report_dense_merge
+                                 else "not measured (--no-report-dense-merge)")
+    del ref
+    save_model(model, dest, layout=cfg.merge_layout, tokenizer=tokenizer, template=cfg.template,
+               max_shard_size=MERGED_SHARD_BYTES)
+    (dest / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print_merge_report(report, dest)
+    return report
+
+
+def print_merge_report(report: dict, dest: Path) -> None:
+    kl = report["merged"]["kl"]
+    print(f"merge report: {report['sample']}, {report['trained_tokens']:,} trained tokens, {report['dtype']}")
+    print(f"  {'model':<40} {'KL nats/token':>13} {'perplexity':>10} {'top-1 agree':>11}")
+    base = "NF4 base (as trained)" if report["base"] == "nf4" else "base"
+    rows = [(f"adapter on its {base}", report["adapter_on_base"]),
+            ("merged" + (" (dequantized NF4 + update)" if report["base"] == "nf4" else ""), report["merged"])]
+    if isinstance(report.get("dense_merge"), dict):
+        rows.append(("dense base + update (the common mistake)", report["dense_merge"]))
+    for label, r in rows:
+        k, a = (f"{r['kl']:.2e}", f"{r['top1_agreement']:.1%}") if "kl" in r else ("-", "-")
+        print(f"  {label:<40} {k:>13} {r['ppl']:>10.4f} {a:>11}")
+    print(f"merged model ({report['layout']} layout) written to {dest}", flush=True)
+    if kl > report["kl_warn"]:
+        print(f"warning: the merged model {dest} is not the model that was trained: KL {kl:.2e} nats/token from the "
+              f"adapter on its base, above {report['kl_warn']:g} for {report['dtype']}", file=sys.stderr, flush=True)
 
 
 # ---- Several processes (torchrun): full fine-tuning shards every block with FSDP2; LoRA/QLoRA replicate the
@@ -918,8 +1056,8 @@ def train(cfg: TrainConfig, dist: Dist) -> dict:
     return write_outputs(cfg, run, data, last, gen_eval, before)
 
 
-# ---- The command line: flags generated from TrainConfig; --chat; `python train.py` runs the demo (with any flags
-# but --ckpt and --data on top of its own).
+# ---- The command line: flags generated from TrainConfig; --chat; --merge --adapter; `python train.py` runs the demo
+# (with any flags but --ckpt and --data on top of its own).
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -972,9 +1110,10 @@ def parse_args(argv: list[str]) -> tuple[TrainConfig, ChatOptions]:
     given flags go on top of DEMO_FLAGS (the later flag wins). Given only one of the two, the other is missing."""
     p, given = make_parser(), given_flags(argv)
     args = p.parse_args(argv)
-    if not args.chat and not given & {"ckpt", "data"}:
+    command = args.chat or (args.merge and args.adapter)  # no training: --ckpt alone is the base
+    if not command and not given & {"ckpt", "data"}:
         args = p.parse_args(DEMO_FLAGS + argv)
-    elif not args.chat and len(given & {"ckpt", "data"}) == 1:
+    elif not command and len(given & {"ckpt", "data"}) == 1:
         p.error(("--ckpt given without --data: name the data to fine-tune on (--data FILE ...)" if "ckpt" in given
                  else "--data given without --ckpt: name the model to fine-tune (--ckpt FOLDER or org/name)")
                 + "; with neither, `python train.py` runs the demo")
@@ -986,14 +1125,24 @@ def parse_args(argv: list[str]) -> tuple[TrainConfig, ChatOptions]:
     return TrainConfig(**{k: v for k, v in values.items() if v is not None}), opts
 
 
+def adapter_run(cfg: TrainConfig, given: set[str], keys: tuple[str, ...]) -> dict:
+    """The run_config.json of the run that wrote --adapter (OUT/run_config.json beside OUT/adapter; {} for an adapter
+    from elsewhere). Its values of `keys` replace cfg's, except those given on the command line."""
+    file = Path(cfg.adapter).parent / "run_config.json"
+    try:
+        run = json.loads(file.read_text()) if cfg.adapter and file.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{file}: cannot be read as JSON ({e})") from None
+    for k in keys:
+        if k in run and k not in given:
+            setattr(cfg, k, run[k])
+    return run
+
+
 def chat(cfg: TrainConfig, opts: ChatOptions, given: set[str]) -> None:
     """llama.generate's chat on the base model with --adapter on it, in the template and quantization the adapter's
     run trained with (its run_config.json) unless --template or --quant is given."""
-    run_cfg = Path(cfg.adapter).parent / "run_config.json" if cfg.adapter else None
-    trained = json.loads(run_cfg.read_text()) if run_cfg and run_cfg.exists() else {}
-    for name in ("template", "quant"):
-        if name in trained and name not in given:
-            setattr(cfg, name, trained[name])
+    adapter_run(cfg, given, ("template", "quant"))
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype, cfg.ckpt)
     hook = quantize_hook(cfg, device, dtype)
     tok_dir = cfg.adapter if cfg.adapter and (Path(cfg.adapter) / "tokenizer.model").exists() else None
@@ -1004,6 +1153,55 @@ def chat(cfg: TrainConfig, opts: ChatOptions, given: set[str]) -> None:
     if cfg.adapter:
         lora.load_adapter(model, cfg.adapter)
     chat_loop(model, tokenizer, cfg.template, opts)
+
+
+def merge_command(cfg: TrainConfig, given: set[str]) -> None:
+    """`--merge --adapter DIR --out OUT`: a saved adapter (ours or PEFT's) merged into --ckpt, written to OUT with its
+    report; no training. The base is loaded as the adapter was trained on it: NF4 when its run's run_config.json
+    says so, else as --quant says (auto: dense); the run's template and dtype unless given. Every input is checked
+    (the adapter against the base's shapes on the meta device, before the weights load) before OUT is written."""
+    adapter, out = Path(cfg.adapter), Path(cfg.out)
+    if "data" in given or "out" not in given:
+        raise UserError("--merge --adapter merges a trained adapter instead of training: give --out (the folder for "
+                        "the merged model) and no --data (the report's sample is --report-data FILE)")
+    if not adapter.is_dir():
+        raise UserError(f"--adapter {adapter}: no such folder")
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (adapter / f).is_file():
+            raise UserError(f"--adapter {adapter}: no {f} in it (expected a PEFT LoRA adapter folder)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
+        raise UserError(f"--out {out} already exists; pass --overwrite to replace it, or choose another --out")
+    trained = adapter_run(cfg, given, ("template", "dtype")).get("quant")  # "nf4" / "none" (runs before: "auto")
+    if trained in ("nf4", "none") and "quant" in given and cfg.quant != trained:
+        run_cfg = adapter.parent / "run_config.json"
+        raise UserError(f"--quant {cfg.quant}: the adapter was trained on a {trained} base ({run_cfg}), and merged "
+                        "into other weights it is another model; leave --quant out")
+    nf4 = trained == "nf4" or (trained not in ("nf4", "none") and cfg.quant == "nf4")
+    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype, cfg.ckpt)
+    tok_dir = adapter if (adapter / "tokenizer.model").is_file() else None
+    print(f"merge: {adapter} into {cfg.ckpt} ({'NF4' if nf4 else DTYPE_NAMES[dtype]} base, template {cfg.template})")
+    try:  # first on the meta device: the adapter against the base's shapes, in seconds and no memory
+        shapes, tokenizer = load_chat_model(cfg.ckpt, cfg.template, "meta", dtype, tok_dir)
+        lora.load_adapter(shapes, adapter)
+        sample = command_sample(cfg, adapter, tokenizer, min(cfg.seq_len, shapes.args.max_seq_len))
+        hook = quant.quantize_on_load(compute_dtype=dtype) if nf4 else None
+        model, tokenizer = load_chat_model(cfg.ckpt, cfg.template, device, dtype, tok_dir, hook, load_progress())
+        lora.load_adapter(model, adapter)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    merge_model(cfg, model, tokenizer, sample, out, adapter)
+
+
+def command_sample(cfg: TrainConfig, adapter: Path, tokenizer: Tokenizer, seq_len: int) -> tuple[str, list[dict]]:
+    """The merge command's report sample: the corpus of the adapter's run (OUT/data beside OUT/adapter, as the in-run
+    merge has it) unless --report-data, else that file or the demo's held-out chats, rendered in the template."""
+    if not cfg.report_data and corpus.is_prepared(adapter.parent / "data"):
+        return report_sample(corpus.open_corpus(adapter.parent / "data")[1], "the run's corpus")
+    file = cfg.report_data or str(DEMO / "data" / "heldout.jsonl")
+    opts = dataclasses.replace(data_options(cfg), seq_len=seq_len, val_split=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus.prepare_corpus([file], tokenizer, Path(tmp) / "sample", opts, workers=1)
+        return report_sample(corpus.open_corpus(Path(tmp) / "sample")[1], file)
 
 
 # `python train.py` (no --ckpt, no --data): QLoRA on the bundled tiny Llama (demo/make_demo.py builds it), then the
@@ -1021,6 +1219,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.ckpt = str(resolve_checkpoint(cfg.ckpt))  # a repo id becomes its snapshot in the Hugging Face hub cache
         if cfg.chat:
             chat(cfg, chat_opts, given_flags(argv))
+        elif cfg.merge and cfg.adapter:  # merge a saved adapter; --merge alone merges at the end of training
+            merge_command(cfg, given_flags(argv))
         else:
             take_prepared_settings(cfg, given_flags(argv))
             dist = init_distributed()

@@ -68,6 +68,13 @@ class LoRALinear(nn.Module):
         return self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
 
     @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W + s * B @ A [out, in], summed in fp32 and rounded once to the base's dtype: the weight `merge()` puts
+        in place, as a new tensor (the module is not changed). A quantized base is dequantized first (see merge)."""
+        w = self.base.dequantize() if hasattr(self.base, "dequantize") else self.base.weight
+        return (w.float() + self.delta_weight().to(w.device)).to(w.dtype)
+
+    @torch.no_grad()
     def merge(self) -> None:
         """W <- W + s * B @ A. A quantized base is dequantized to a dense nn.Linear first: quantizing the
         merged weight again would round the small update s * B @ A away (NF4 steps are ~1/8 of a block's
@@ -75,17 +82,16 @@ class LoRALinear(nn.Module):
         quantized base is kept so that `unmerge()` restores it exactly."""
         if self.merged:
             return
+        w = self.merged_weight()
         if hasattr(self.base, "dequantize"):
-            w, bias = self.base.dequantize(), getattr(self.base, "bias", None)  # [out, in], [out]
+            bias = getattr(self.base, "bias", None)  # [out]
             dense = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
                               device=w.device, dtype=w.dtype).requires_grad_(False)
-            dense.weight.copy_(w)
             if bias is not None:
                 dense.bias.copy_(bias)
             object.__setattr__(self, "_quantized_base", self.base)  # unregistered: not in state_dict
             self.base = dense
-        w = self.base.weight
-        w.copy_(w.float() + self.delta_weight().to(w.device))
+        self.base.weight.copy_(w)
         self.merged = True
 
     @torch.no_grad()
@@ -274,6 +280,10 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     w_file = path / "adapter_model.safetensors"
     lora, full = _read_adapter_weights(w_file)
     targets = tuple(sorted({n.rsplit(".", 1)[-1] for n in lora}))
+    listed, held = pc.get("target_modules"), {meta_to_hf_key(n).rsplit(".", 1)[-1] for n in lora}
+    if isinstance(listed, list) and {t.rsplit(".", 1)[-1] for t in listed} != held:  # (a str is a regex: not checked)
+        raise ValueError(f"{path / 'adapter_config.json'}: target_modules {sorted(listed)}, but {w_file.name} holds "
+                         f"adapters for {sorted(held)}")
     alpha, rslora = pc["lora_alpha"], bool(pc.get("use_rslora", False))
     if getattr(model, "lora_config", None) is None:
         apply_lora(model, r=pc["r"], alpha=alpha, dropout=pc.get("lora_dropout", 0.0), targets=targets,

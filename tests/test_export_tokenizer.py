@@ -167,7 +167,8 @@ def test_train_writes_the_files_each_folder_needs(trained):
     assert {p.name for p in (trained / "adapter").iterdir()} == tok_files | {"adapter_model.safetensors",
                                                                               "adapter_config.json"}
     assert {p.name for p in (trained / "merged").iterdir()} == tok_files | {"config.json", "model.safetensors",
-                                                                             "generation_config.json"}
+                                                                             "generation_config.json",
+                                                                             "merge_report.json"}
     for folder in ("adapter", "merged"):
         cfg = json.loads((trained / folder / "tokenizer_config.json").read_text())
         assert cfg["chat_template"] == CHAT_TEMPLATES["chatml"]

@@ -435,15 +435,15 @@ def test_merge_output_reproduces_the_trained_model(tmp_path, tiny_ckpt, monkeypa
     from llama import load_model
     tokens = torch.randint(0, Tokenizer(str(DEMO_TOK)).n_words, (2, 20), generator=torch.Generator().manual_seed(0))
     seen = {}
-    real_merge = train.lora.merge_lora
+    real_merge = train.merge_model
 
-    def record_then_merge(model):
+    def record_then_merge(cfg, model, *args):
         model.eval()
         with torch.no_grad():
             seen["logits"] = model(tokens)
-        return real_merge(model)
+        return real_merge(cfg, model, *args)
 
-    monkeypatch.setattr(train.lora, "merge_lora", record_then_merge)
+    monkeypatch.setattr(train, "merge_model", record_then_merge)
     _, out = run(tmp_path, tiny_ckpt, "--max-steps", "3", "--lr", "1e-2", "--quant", quant, "--merge",
                  "--merge-layout", layout)
     want = seen["logits"]
