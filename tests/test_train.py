@@ -362,7 +362,8 @@ def tiny_ckpt(tiny_train_ckpt):
 
 def run(tmp_path, ckpt, *extra):
     out = tmp_path / "out"
-    args = ["--ckpt", str(ckpt), "--data", str(ckpt / "data.jsonl"), "--out", str(out), "--seq-len", "64",
+    data = [] if "--data" in extra else ["--data", str(ckpt / "data.jsonl")]  # a repeated --data would add files
+    args = ["--ckpt", str(ckpt), *data, "--out", str(out), "--seq-len", "64",
             "--batch-size", "4", "--grad-accum", "2", "--lr", "3e-3", "--warmup-ratio", "0", *extra]
     assert train.main(args) == 0
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], out
