@@ -64,8 +64,8 @@ from llama.checkpoint import CheckpointError, find_tokenizer, resolve_checkpoint
 from llama.data import DataError, read_dialogs
 from llama.files import Progress, atomic_folder
 from llama.export import save_tokenizer_files
-from llama.generate import (DTYPES, ChatOptions, add_chat_args, chat_loop, chat_options, generate, load_chat_model,
-                            resolve_device_dtype)
+from llama.generate import (DTYPES, ChatOptions, add_chat_args, auto_dtype, chat_loop, chat_options, generate,
+                            load_chat_model, resolve_device_dtype)
 from llama.model import resize_embeddings
 
 ROOT = Path(__file__).resolve().parent
@@ -107,7 +107,8 @@ class TrainConfig:
     show_samples: int = flag(0, "print this many prepared samples with the trained spans marked")
     ckpt: str = flag(str(DEMO / "tiny-llama"), "Meta folder (consolidated.*.pth), HF folder, or org/name (hub cache)",
                      section="model")
-    dtype: str = flag("auto", "auto: bf16 on CUDA; on CPU fp32, bf16 for checkpoints over 2 GiB", ("auto", *DTYPES))
+    dtype: str = flag("auto", "auto: bf16 on CUDA and on CPUs with native bf16 (AMX, AVX512-BF16); elsewhere "
+                      "fp32, bf16 for checkpoints over 2 GiB", ("auto", *DTYPES))
     device: str = flag("auto", "auto (the GPU when there is one), cpu, cuda, cuda:1, ...")
     grad_checkpointing: bool = flag(False, "recompute each block's activations in backward: less memory, more time")
     lima_dropout: float = flag(0.0, "residual dropout rising linearly with depth up to this value (LIMA)")
@@ -397,6 +398,12 @@ def step_rows(cfg: TrainConfig, run: Run, n_rows: int) -> torch.Tensor:
 # tokens), normalised by the trained tokens of the whole global batch.
 
 
+def autocast(device: torch.device, dtype: torch.dtype):
+    """bf16/fp16 autocast on CUDA. Elsewhere none: the weights are already in the run's dtype and the adapters cast
+    their inputs to it themselves, so every matmul runs in it without autocast's per-op casts."""
+    return torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32)
+
+
 def loss_sum(model, tokens, labels, doc_ids) -> torch.Tensor:
     """Sum of token losses of a batch (labels already shifted: labels[i] is the target after tokens[i])."""
     return model(tokens, doc_ids, labels=labels)
@@ -412,12 +419,10 @@ def train_step(cfg: TrainConfig, run: Run, data: Data, lr: float) -> tuple[float
     mine = idx[dist.rank * per_rank: (dist.rank + 1) * per_rank]
     for g in run.optimizer.param_groups:
         g["lr"] = lr
-    mixed = device.type == "cuda" and run.dtype != torch.float32  # bf16/fp16 autocast on CUDA; none elsewhere
-    autocast = torch.autocast(device.type, dtype=run.dtype, enabled=mixed)
     loss_total = torch.zeros((), device=device)
     for m in range(0, len(mine), cfg.batch_size):
         b = draw(data.train, data.rows, mine[m: m + cfg.batch_size].numpy(), cfg, data.tokenizer.eos_id, device)
-        with autocast:
+        with autocast(device, run.dtype):
             loss = loss_sum(run.model, b["tokens"], b["labels"], b["doc_ids"]) / max(n_target, 1)
         # FSDP averages gradients over ranks; our loss is already normalised over the global batch
         (loss * dist.world if dist.fsdp else loss).backward()
@@ -658,13 +663,14 @@ def summary_lines(cfg: TrainConfig, run: Run, data: Data, quantized: bool) -> li
         mode = f"QLoRA: NF4 base + {adapters}" if quantized else f"{adapters} (base not quantized)"
     # an NF4 weight counts as its in * out values; an FSDP-sharded weight as its whole (a DTensor's numel is global)
     n_train, n_total = lora.count_parameters(run.model)
-    precision = DTYPE_NAMES[run.dtype]
+    why = f"--dtype auto: {auto_dtype(run.device, cfg.ckpt)[1]}" if cfg.dtype == "auto" else f"--dtype {cfg.dtype}"
+    precision = f"{DTYPE_NAMES[run.dtype]} on {run.device} ({why})"
     stats, n_tokens, out = data.stats, int(data.train.offsets[-1]), run.out
     total, per_epoch = run.total, run.steps_per_epoch
     size = f"{disk / 1e9:.1f} GB" if disk >= 1e9 else f"{disk / 1e6:.1f} MB"
     held_out = f"; {stats['val_samples']:,} held out" if stats["val_samples"] else ""
     return [
-        f"run: {mode}; {precision} on {run.device}" + (f"; {run.dist.world} processes" if run.dist.world > 1 else ""),
+        f"run: {mode}; {precision}" + (f"; {run.dist.world} processes" if run.dist.world > 1 else ""),
         f"  trainable params: {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f}%)",
         f"  model:  {cfg.ckpt} ({layout} layout, {_count(n_params)} parameters: {a.n_layers} layers, dim {a.dim}, "
         f"vocab {a.vocab_size}; {size} of weights)",

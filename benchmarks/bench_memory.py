@@ -34,16 +34,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# name -> (mode, chunked CE, grad checkpointing, optimizer)
+# name -> (mode, chunked CE, grad checkpointing, optimizer, dtype)
 CONFIGS = {
-    "lora: none": ("lora", False, False, "adamw"),
-    "lora: chunked CE": ("lora", True, False, "adamw"),
-    "lora: grad checkpointing": ("lora", False, True, "adamw"),
-    "lora: 8-bit AdamW": ("lora", False, False, "adamw_8bit"),
-    "lora: all three": ("lora", True, True, "adamw_8bit"),
-    "full: none, AdamW": ("full", False, False, "adamw"),
-    "full: chunked CE + ckpt, AdamW": ("full", True, True, "adamw"),
-    "full: chunked CE + ckpt, 8-bit AdamW": ("full", True, True, "adamw_8bit"),
+    "lora: none": ("lora", False, False, "adamw", "fp32"),
+    "lora: chunked CE": ("lora", True, False, "adamw", "fp32"),
+    "lora: grad checkpointing": ("lora", False, True, "adamw", "fp32"),
+    "lora: 8-bit AdamW": ("lora", False, False, "adamw_8bit", "fp32"),
+    "lora: all three": ("lora", True, True, "adamw_8bit", "fp32"),
+    "full: none, AdamW": ("full", False, False, "adamw", "fp32"),
+    "full: chunked CE + ckpt, AdamW": ("full", True, True, "adamw", "fp32"),
+    "full: chunked CE + ckpt, 8-bit AdamW": ("full", True, True, "adamw_8bit", "fp32"),
+    "lora: chunked CE, bf16": ("lora", True, False, "adamw", "bf16"),
 }
 
 
@@ -65,13 +66,17 @@ def run_one(name: str, a) -> dict:
     from llama import ModelArgs, Transformer
     from llama.ops import head_ce
 
-    mode, chunked, ckpt, optim = CONFIGS[name]
+    from llama import ops
+
+    mode, chunked, ckpt, optim, dtype = CONFIGS[name]
+    ops.PAD_TO = a.pad_to or ops.PAD_TO
     torch.manual_seed(0)
     args = ModelArgs(dim=a.dim, n_layers=a.layers, n_heads=a.dim // 64, vocab_size=32000, max_seq_len=a.seq_len)
     model = Transformer(args)
     model.init_rope("cpu")
     with torch.no_grad():  # the default init of nn.Linear/Embedding is fine; scale the head so the loss is ~log V
         model.output.weight.mul_(0.1)
+    model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])  # as train.py on CPU: the weights, no autocast
     model.grad_checkpointing = ckpt
     if mode == "lora":
         for p in model.parameters():
@@ -86,11 +91,14 @@ def run_one(name: str, a) -> dict:
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 32000, (B, T), generator=g)
     labels = torch.roll(tokens, -1, 1)
-    doc_ids = (torch.arange(T) * 4 // T).expand(B, T).contiguous()  # 4 packed documents per row
     labels[:, -1] = -100
     n_target = int((labels != -100).sum())
 
     def loss_fn():
+        # 4 packed documents per row, cut at random places each step, as packed chats are: every step meets new
+        # document lengths (what a CPU's per-length kernels see in a real run)
+        cuts = torch.sort(torch.randint(1, T, (B, 3), generator=g), dim=1).values
+        doc_ids = (torch.arange(T)[None, None, :] >= cuts[:, :, None]).sum(1)
         if chunked:
             h = model(tokens, doc_ids, return_hidden=True)
             return head_ce(h.flatten(0, 1), model.output.weight, labels.flatten(), chunk=a.chunk)
@@ -111,7 +119,7 @@ def run_one(name: str, a) -> dict:
         losses.append(loss.item())
     peak = _status("VmHWM")
     opt_bytes = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
-    return {"config": name, "mode": mode, "chunked_ce": chunked, "grad_checkpointing": ckpt, "optim": optim,
+    return {"config": name, "mode": mode, "dtype": dtype, "sdpa_pad_to": ops.PAD_TO, "chunked_ce": chunked, "grad_checkpointing": ckpt, "optim": optim,
             "trainable_params": sum(p.numel() for p in params), "total_params": sum(p.numel() for p in model.parameters()),
             "model_mb": round(rss_model / 2**20, 1), "peak_mb": round(peak / 2**20, 1),
             "step_peak_mb": round((peak - rss_model) / 2**20, 1), "optimizer_state_mb": round(opt_bytes / 2**20, 1),
@@ -126,6 +134,8 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--chunk", type=int, default=1024, help="tokens per cross-entropy chunk (llama.ops.head_ce)")
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--pad-to", type=int, default=0, help="llama.ops.PAD_TO for bf16 attention (1: no padding; "
+                   "default: the product's)")
     p.add_argument("--only", nargs="*", default=None, help="a subset of the configuration names")
     p.add_argument("--run", help=argparse.SUPPRESS)  # internal: run one configuration in this process
     p.add_argument("--out", default=str(ROOT / "results" / "bench_memory.json"))
@@ -137,7 +147,8 @@ def main() -> int:
     rows = []
     for name in a.only or CONFIGS:
         cmd = [sys.executable, __file__, "--run", name, "--dim", str(a.dim), "--layers", str(a.layers), "--seq-len",
-               str(a.seq_len), "--batch-size", str(a.batch_size), "--chunk", str(a.chunk), "--steps", str(a.steps)]
+               str(a.seq_len), "--batch-size", str(a.batch_size), "--chunk", str(a.chunk), "--steps", str(a.steps),
+               "--pad-to", str(a.pad_to)]
         r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         if r.returncode != 0:
             print(r.stderr[-3000:], file=sys.stderr)
@@ -149,7 +160,7 @@ def main() -> int:
               flush=True)
 
     shape = {"dim": a.dim, "layers": a.layers, "n_heads": a.dim // 64, "vocab": 32000, "seq_len": a.seq_len,
-             "batch_size": a.batch_size, "ce_chunk": a.chunk, "steps": a.steps, "dtype": "fp32", "device": "cpu"}
+             "batch_size": a.batch_size, "ce_chunk": a.chunk, "steps": a.steps, "device": "cpu"}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"shape": shape, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                                        "measure": "peak RSS (VmHWM) of a fresh process per configuration",

@@ -20,8 +20,10 @@ construction on both sides), on one packed batch of --tokens-per-step tokens (ro
             run; on CUDA it would compare different precisions).
 
 Modes: full, lora, qlora, each without and with gradient checkpointing (`+gc`). LoRA: r 16, alpha 32,
-all seven projections, --lora-dropout (default 0.05, the QLoRA recipe's). Precision: fp32 on CPU; bf16
-weights under bf16 autocast on CUDA (as train.py and the HF Trainer with bf16=True).
+all seven projections, --lora-dropout (default 0.05, the QLoRA recipe's). Precision (--dtype): fp32, or bf16
+weights with each side's bf16 rule, as each runs in training: ours as train.py (autocast on CUDA; on CPU the
+bf16 weights alone, the adapters casting their inputs), HF under bf16 autocast as the HF Trainer with
+bf16=True, with bitsandbytes' compute dtype bf16. Default: fp32 on CPU, bf16 on CUDA.
 
 Same computation on both sides, checked before anything is timed (benchmarks/parity.py, which
 tests/test_gpu.py shares): the same random HF checkpoint and PEFT adapter loaded by both, the same samples
@@ -31,7 +33,7 @@ sample, labels in HF's convention); step 0 runs with LoRA dropout switched off a
 the embeddings and the head) within 2e-5 of their max magnitude (QLoRA 1e-4 and 2e-2 where a q/k weight spans
 several double-quant groups: double quantization is not invariant under HF's rotary row order there, so the two
 stacks hold slightly different NF4 q/k weights), else the run stops: a speed comparison of different
-computations is worthless. bf16 runs (CUDA) also run HF's step in fp32 on the same weights, in a third process
+computations is worthless. bf16 runs also run HF's step in fp32 on the same weights, in a third process
 that exits before the timing, and ours must be within 2e-2 of that reference or no further from it than twice
 HF's own bf16 step (parity.judge).
 
@@ -46,7 +48,7 @@ transformers + peft + bitsandbytes for HF). /proc/loadavg is recorded around eac
 train.py's process settings (`train.PROCESS_ENV`: MKL's strict reproducibility and c10's transparent huge
 pages for CPU tensors), so the baseline gets the same allocator; set THP_MEM_ALLOC_ENABLE=0 to run both without.
 
-Output: a markdown table on stdout, results/bench_train_<size>_<device>.json, and a PNG bar chart when
+Output: a markdown table on stdout, results/bench_train_<size>_<device>_<dtype>.json, and a PNG bar chart when
 matplotlib is installed.
 """
 import argparse
@@ -367,6 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default=None, choices=list(SIZES), help="default: small (--quick on cpu: tiny)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: fp32 on cpu, bf16 on cuda")
     ap.add_argument("--quick", action="store_true", help="the GPU suite's sizes (QUICK): LoRA and QLoRA only, one "
                     "sequence length; on cpu QLoRA on the tiny model. Flags given explicitly still win")
     ap.add_argument("--seq-len", type=int, nargs="+", default=None, help="default: 512 2048")
@@ -386,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
-    args.dtype = "bf16" if args.device == "cuda" else "fp32"
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     defaults = QUICK[args.device] if args.quick else dict(size="small", seq_len=[512, 2048], modes=list(MODES),
                                                           tokens_per_step=2048, reps=None, warmup=1)
     for k, v in defaults.items():
@@ -430,7 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
                   file=sys.stderr, flush=True)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"bench_train_{args.size}_{args.device}"
+    stem = out / f"bench_train_{args.size}_{args.device}_{args.dtype}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
     print(f"\nwrote {stem.with_suffix('.json')}" + (f" and {stem.with_suffix('.png')}" if plot(result, stem.with_suffix(".png")) else ""))

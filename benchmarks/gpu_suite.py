@@ -18,7 +18,7 @@ timeout; each may use what earlier stages left of their budget (BUDGET), never t
    tokens/s and torch.cuda.max_memory_allocated, after its step-0 parity gate.
 
 Output in --out: suite.json (environment, stages, verdict), correctness.json (every test's outcome), the
-benchmarks' bench_nf4_<device>.json and bench_train_<size>_<device>.json, one log per subprocess, and
+benchmarks' bench_nf4_<device>.json and bench_train_<size>_<device>_<dtype>.json, one log per subprocess, and
 summary.md, which is also printed at the end: device, torch / CUDA / Triton versions and every figure.
 
 --device cpu runs the same orchestration on CPU, for CI: CUDA is hidden from the subprocesses, the `cuda` tests
@@ -427,7 +427,7 @@ def run(args) -> int:
                 rec = stage_bench("bench_nf4", "bench_nf4.py", extra["nf4"], f"bench_nf4_{args.device}.json",
                                   args, out, env, timeout)
             else:
-                rec = stage_bench("bench_train", "bench_train.py", extra["train"], f"bench_train_*_{args.device}.json",
+                rec = stage_bench("bench_train", "bench_train.py", extra["train"], f"bench_train_*_{args.device}_*.json",
                                   args, out, env, timeout)
             rec.update(elapsed_s=time.time() - t0, timeout_s=timeout)
             suite["stages"][name] = rec

@@ -222,7 +222,8 @@ def build_ours(spec: dict, device: torch.device, dtype: torch.dtype):
     n_target = int((b["labels"] != -100).sum())
 
     def loss_fn():
-        return train.loss_sum(model, b["tokens"], b["labels"], b["doc_ids"]) / n_target
+        with train.autocast(device, dtype):  # train.py's precision rule (no autocast on CPU), whatever the caller's
+            return train.loss_sum(model, b["tokens"], b["labels"], b["doc_ids"]) / n_target
 
     def set_dropout(p: float) -> None:
         for m in model.modules():
@@ -312,7 +313,8 @@ def build_hf(spec: dict, device: torch.device, dtype: torch.dtype):
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
-    """16-bit runs: 16-bit weights under autocast, as train.py and the HF Trainer (bf16=True) run; fp32: off."""
+    """16-bit runs: 16-bit weights under autocast, as the HF Trainer (bf16=True) runs (ours: `train.autocast`
+    inside its loss_fn, autocast on CUDA only); fp32: off."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)

@@ -18,6 +18,7 @@ writes the new suffix, holding back while the text ends in an incomplete charact
 import argparse
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
@@ -227,16 +228,36 @@ def chat_loop(model, tokenizer: Tokenizer, template: str, options: ChatOptions |
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def cpu_bf16() -> str:
+    """The instructions this CPU multiplies bf16 with, as torch reports them ("AMX", "AVX512-BF16"), or "" when
+    it has none. Without them a bf16 matmul converts to fp32 and runs slower than fp32 itself. LLAMA_CPU_BF16=1
+    or 0 overrides torch's answer (for a CPU it misreads, and for tests). The torch.cpu probes are private; one
+    this torch lacks counts as absent."""
+    forced = os.environ.get("LLAMA_CPU_BF16")
+    if forced in ("0", "1"):
+        return "LLAMA_CPU_BF16=1" if forced == "1" else ""
+    probes = (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+    return "/".join(name for name, probe in probes if getattr(torch.cpu, probe, lambda: False)())
+
+
+def auto_dtype(device: torch.device, ckpt: str | Path) -> tuple[str, str]:
+    """What --dtype auto picks on this device, and why. CUDA: bf16. CPU: bf16 where it computes bf16 natively
+    (its matmuls about twice fp32's speed, activations half the memory); else fp32 (exact, and faster than
+    emulated bf16) up to checkpoints of 2 GiB, then bf16 (in fp32, 7B's embeddings, head and activations would
+    double)."""
+    if device.type == "cuda":
+        return "bf16", "CUDA"
+    if isa := cpu_bf16():
+        return "bf16", f"this CPU computes bf16 natively ({isa})"
+    if weights_size(ckpt) > 2 * 2**30:
+        return "bf16", "no native bf16 on this CPU, but the checkpoint is over 2 GiB"
+    return "fp32", "no native bf16 on this CPU (AVX512-BF16 or AMX)"
+
+
 def resolve_device_dtype(device: str, dtype: str, ckpt: str | Path) -> tuple[torch.device, torch.dtype]:
-    """--device and --dtype, "auto" resolved: the GPU when there is one; bf16 on CUDA, on CPU fp32 (exact, and fast
-    for small models) up to checkpoints of 2 GiB, then bf16 (in fp32, 7B's embeddings, head and activations
-    would double)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dtype == "auto":
-        dtype = "bf16" if dev.type == "cuda" or weights_size(ckpt) > 2 * 2**30 else "fp32"
-    return dev, DTYPES[dtype]
+    """--device and --dtype, "auto" resolved: the GPU when there is one; the dtype `auto_dtype` picks."""
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    return dev, DTYPES[auto_dtype(dev, ckpt)[0] if dtype == "auto" else dtype]
 
 
 def load_chat_model(ckpt: str | Path, template: str, device: torch.device, dtype: torch.dtype,
@@ -286,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--template", default="llama2", choices=TEMPLATES, help="chat template (default: llama2)")
     p.add_argument("--prompt", help="answer this one message and exit; without it, chat interactively")
     p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
-                   help="auto: bf16 on a GPU; on CPU fp32, bf16 for checkpoints over 2 GiB")
+                   help="auto: bf16 on a GPU and on CPUs with native bf16 (AMX, AVX512-BF16); elsewhere fp32, "
+                   "bf16 for checkpoints over 2 GiB")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     add_chat_args(p)

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .ops import head_ce, rms_norm, swiglu
+from .ops import causal_sdpa, head_ce, rms_norm, swiglu
 
 try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -185,8 +185,8 @@ def attend_spans(q: Tensor, k: Tensor, v: Tensor, spans: Spans) -> Tensor:
     rows = []
     for row, row_spans in zip(zip(q.split(1), k.split(1), v.split(1)), spans):
         docs = zip(*(t.split([e - s for s, e in row_spans], dim=2) for t in row))
-        rows.append(torch.cat([F.scaled_dot_product_attention(qd, kd, vd, is_causal=True) for qd, kd, vd in docs],
-                              dim=2))
+        # causal_sdpa = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True), shaped for the CPU (ops.py)
+        rows.append(torch.cat([causal_sdpa(qd, kd, vd) for qd, kd, vd in docs], dim=2))
     return torch.cat(rows)  # (B, H, T, D)
 
 

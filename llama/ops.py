@@ -8,6 +8,11 @@ autograd would (tests/test_model.py checks forward, gradients and saved bytes ag
 - `head_ce`: the output head and cross-entropy over trained tokens, its gradient taken in the forward pass
   one chunk of logits at a time, so the fp32 [tokens, vocab] logits never exist at once and are never
   recomputed.
+
+And one that computes what it says but shapes it for the CPU:
+
+- `causal_sdpa`: causal SDPA over one document, padded on CPU in 16 bits so that the kernels compiled per
+  sequence length do not pile up (the packed-attention path, `model.attend_spans`).
 """
 import torch
 import torch.nn.functional as F
@@ -70,6 +75,25 @@ class _SwiGLUFn(torch.autograd.Function):
             ga = torch.ops.aten.silu_backward.grad_input(gab, a, grad_input=gab)
         gb = F.silu(a).mul_(g) if ctx.needs_input_grad[1] else None
         return ga, gb
+
+
+# On CPU, bf16/fp16 SDPA (forward and backward) runs on small matrix kernels that are compiled for each sequence
+# length they meet and kept for the life of the process, with no cap. Packed rows give every document its own
+# length, so a run would keep compiling kernels until it had met most lengths up to --seq-len, and its memory
+# would keep growing with them (past fp32's). Padded to a multiple of PAD_TO, a run meets seq_len / PAD_TO lengths.
+PAD_TO = 64
+
+
+def causal_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """F.scaled_dot_product_attention(q, k, v, is_causal=True) over [B, H, L, D]. On CPU in 16 bits, q, k and v
+    get zero rows at the end up to a multiple of PAD_TO, and the output is cut back to L rows. That is exact:
+    under the causal mask no real row attends to a later (padded) one, and the padded rows' outputs are
+    dropped, so their gradient is zero and they add nothing to dK or dV."""
+    L = q.shape[2]
+    pad = -L % PAD_TO if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) else 0
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)[:, :, :L]
 
 
 def head_ce(h: Tensor, weight: Tensor, labels: Tensor, chunk: int = 1024) -> Tensor:

@@ -2,6 +2,10 @@
 
 Triton reads TRITON_INTERPRET when a kernel is decorated, so it must be set before anything imports
 quant.triton_nf4: on a machine without CUDA the kernels then run in Triton's CPU interpreter.
+
+--dtype auto picks bf16 on CPUs that compute it natively and fp32 elsewhere (`llama.generate.auto_dtype`). The
+tests must not depend on which CPU runs them, so LLAMA_CPU_BF16=0 pins auto to fp32 for the whole session
+(subprocesses inherit it); the tests of bf16 training set it, or --dtype, themselves.
 """
 import os
 from pathlib import Path
@@ -10,6 +14,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["LLAMA_CPU_BF16"] = "0"
 
 import pytest  # noqa: E402
 

@@ -43,7 +43,7 @@ def test_step0_parity_every_mode(work, tmp_path):
     # the LoRA modes train the same adapter on both sides; QLoRA's base is quantized (a different loss)
     assert rows["lora"]["ours_trainable"] == rows["lora"]["hf_trainable"] == rows["qlora"]["hf_trainable"]
     assert rows["lora"]["loss0_ours"] != rows["qlora"]["loss0_ours"]
-    saved = json.loads((out / "bench_train_tiny_cpu.json").read_text())
+    saved = json.loads((out / "bench_train_tiny_cpu_fp32.json").read_text())
     assert [r["mode"] for r in saved["rows"]] == [r["mode"] for r in result["rows"]]
     # both processes ran under train.py's process settings (the same allocator for the baseline)
     import train
@@ -58,4 +58,4 @@ def test_parity_check_stops_a_different_computation(work, tmp_path):
     with pytest.raises(bench_train.ParityError, match="do not compute the same step"):
         bench_train.main(FAST + ["--modes", "lora", "--perturb-ours", "1e-3", "--work-dir", work,
                                  "--out-dir", str(tmp_path / "out")])
-    assert not (tmp_path / "out" / "bench_train_tiny_cpu.json").exists()
+    assert not (tmp_path / "out" / "bench_train_tiny_cpu_fp32.json").exists()

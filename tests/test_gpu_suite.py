@@ -134,7 +134,7 @@ def test_cpu_quick_run_writes_json_and_summary(tmp_path, capsys):
     nf4 = json.loads((out / "bench_nf4_cpu.json").read_text())
     assert nf4["shapes"] == ["tiny"] and [r["M"] for r in nf4["rows"]] == [None, 1, 16]
     assert all(r["ours_triton_ms"] > 0 for r in nf4["rows"] if r["op"] == "matmul")  # the interpreter ran
-    train = json.loads((out / "bench_train_tiny_cpu.json").read_text())
+    train = json.loads((out / "bench_train_tiny_cpu_fp32.json").read_text())
     assert [r["mode"] for r in train["rows"]] == ["qlora"]
     assert all("error" not in r and r["loss0_diff"] <= 1e-4 for r in train["rows"])
     md = (out / "summary.md").read_text()
