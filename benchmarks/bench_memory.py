@@ -2,9 +2,9 @@
 
     python benchmarks/bench_memory.py [--dim 1024] [--layers 8] [--seq-len 1024] [--batch-size 2] [--steps 2]
 
-A mid-size Llama (dim 1024, 8 layers, 16 heads, vocab 32000, fp32 on CPU, ~168M parameters) trains
---steps optimizer steps on random tokens (rows packed with 4 documents each, every token trained on) with
-the levers train.py offers:
+A mid-size Llama (dim 1024, 8 layers, 16 heads, vocab 32000, ~168M parameters, on CPU) trains --steps
+optimizer steps on random tokens (rows packed with 4 documents each, cut at new random places every step as
+packed chats are; every token trained on) with the levers train.py offers:
 
 - chunked cross-entropy: `llama.ops.head_ce` (what `model(tokens, doc_ids, labels=)` runs) (the trained tokens' logits 1024 rows at a time, their gradient
   taken in the forward, so no chunk is kept or recomputed) against the plain baseline
@@ -14,7 +14,11 @@ the levers train.py offers:
 - 8-bit AdamW state (`--optim adamw_8bit`, bitsandbytes): moments in 8 bits instead of fp32.
 
 LoRA (r 16 on all seven projections, train.py's defaults) for the first lever pair, and full fine-tuning
-for the optimizer, where optimizer state is large enough to matter.
+for the optimizer, where optimizer state is large enough to matter. Every configuration is fp32 except
+"lora: chunked CE, bf16": the same step as "lora: chunked CE" with the weights in bf16, as train.py runs on a
+CPU with native bf16 (`--dtype auto` there). Its packed attention pads each document to a multiple of
+`llama.ops.PAD_TO` rows; `--pad-to 1` runs it without the padding, to show what the padding saves over
+several steps of new document lengths (`--steps 8`).
 
 Measure: every configuration runs in a fresh subprocess. Its resident set is read from /proc/self/status:
 `model` = VmRSS after the model (and LoRA, optimizer object) is built, `peak` = VmHWM over the training

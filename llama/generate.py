@@ -246,12 +246,12 @@ def auto_dtype(device: torch.device, ckpt: str | Path) -> tuple[str, str]:
     emulated bf16) up to checkpoints of 2 GiB, then bf16 (in fp32, 7B's embeddings, head and activations would
     double)."""
     if device.type == "cuda":
-        return "bf16", "CUDA"
+        return "bf16", "a GPU"
     if isa := cpu_bf16():
-        return "bf16", f"this CPU computes bf16 natively ({isa})"
+        return "bf16", f"this CPU has native bf16, {isa}"
     if weights_size(ckpt) > 2 * 2**30:
-        return "bf16", "no native bf16 on this CPU, but the checkpoint is over 2 GiB"
-    return "fp32", "no native bf16 on this CPU (AVX512-BF16 or AMX)"
+        return "bf16", "the checkpoint is over 2 GiB; this CPU has no native bf16"
+    return "fp32", "this CPU has no native bf16, neither AVX512-BF16 nor AMX"
 
 
 def resolve_device_dtype(device: str, dtype: str, ckpt: str | Path) -> tuple[torch.device, torch.dtype]:

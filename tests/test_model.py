@@ -127,6 +127,33 @@ def test_packed_documents_are_isolated(pair):
     assert s == T
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_sdpa_pads_16_bit_documents_on_cpu_exactly(dtype, monkeypatch):
+    """ops.causal_sdpa (packed attention's per-document call): on CPU in bf16 each document reaches SDPA padded to
+    a multiple of PAD_TO rows, so a run meets seq_len / PAD_TO lengths and not one kernel per length; in fp32 as
+    it is. Either way the output and the gradients of q, k and v are causal attention over the document alone,
+    written out in fp64 (tolerance: 2e-2 in bf16, its rounding; 1e-4 in fp32)."""
+    from llama import ops
+    lengths, real = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **kw: lengths.append(q.shape[2]) or real(q, *a, **kw))
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    g = torch.Generator().manual_seed(0)
+    for L in (1, 5, 64, 100, 130):
+        q, k, v = (torch.randn(2, 3, L, 16, generator=g).to(dtype).requires_grad_() for _ in range(3))
+        dout = torch.randn(2, 3, L, 16, generator=g).to(dtype)
+        out = ops.causal_sdpa(q, k, v)
+        got = [out, *torch.autograd.grad(out, (q, k, v), dout)]
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        scores = (q64 @ k64.transpose(-1, -2)) / 4 + torch.full((L, L), float("-inf"), dtype=torch.float64).triu(1)
+        want = torch.softmax(scores, -1) @ v64
+        want = [want, *torch.autograd.grad(want, (q64, k64, v64), dout.double())]
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+            assert a.shape == b.shape and a.dtype == dtype
+            err = ((a.double() - b).abs().max() / b.abs().max().clamp(min=0.1)).item()  # L 1: dq is 0
+            assert err <= tol, f"L {L} {name}: {err:.1e}"
+    assert lengths == ([64, 64, 64, 128, 192] if dtype == torch.bfloat16 else [1, 5, 64, 100, 130])
+
+
 @pytest.mark.skipif(M.create_block_mask is None, reason="this torch has no flex_attention")
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_mask_and_training_loss_isolate_documents(pair, monkeypatch):

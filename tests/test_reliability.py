@@ -171,14 +171,18 @@ class Crash(Exception):
     """What the test raises inside a run to stop it mid-training, as a crash would."""
 
 
-def test_crash_then_resume_equals_uninterrupted_in_process(tmp_path, ckpt, monkeypatch, one_thread):
+@pytest.mark.parametrize("cpu_bf16, dtype", [("0", "fp32"), ("1", "bf16")])
+def test_crash_then_resume_equals_uninterrupted_in_process(tmp_path, ckpt, monkeypatch, one_thread, cpu_bf16, dtype):
     """The fast form of the SIGKILL test: LoRA with dropout on, checkpoints every 2 steps; a run that dies in step
     6 (steps 1-5 logged, checkpoint-4 the last) and is then resumed to step 8 logs the uninterrupted run's losses
     and writes its adapter byte for byte. The resume must restore the adapter weights, AdamW's moments and
-    step count, every RNG (dropout masks) and drop the metrics lines logged after the checkpoint."""
+    step count, every RNG (dropout masks) and drop the metrics lines logged after the checkpoint. In the dtype
+    --dtype auto picks on a CPU without native bf16 (fp32) and on one with it (bf16)."""
+    monkeypatch.setenv("LLAMA_CPU_BF16", cpu_bf16)
     steps = ["--max-steps", "8", "--save-every", "2", "--save-total-limit", "3"]
     ref = tmp_path / "ref"
     assert train.main(args(ckpt, ref, *steps)) == 0
+    assert json.loads((ref / "run_config.json").read_text())["dtype"] == dtype
 
     real, calls = train.loss_sum, {"n": 0}
 
