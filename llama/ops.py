@@ -12,7 +12,7 @@ autograd would (tests/test_model.py checks forward, gradients and saved bytes ag
 And one that computes what it says but shapes it for the CPU:
 
 - `causal_sdpa`: causal SDPA over one document, padded on CPU in 16 bits so that the kernels compiled per
-  sequence length do not pile up (the packed-attention path, `model.attend_spans`).
+  shape do not pile up (the packed-attention path, `model.attend_spans`); `head_ce` pads its chunks alike.
 """
 import torch
 import torch.nn.functional as F
@@ -77,22 +77,26 @@ class _SwiGLUFn(torch.autograd.Function):
         return ga, gb
 
 
-# On CPU, bf16/fp16 SDPA (forward and backward) runs on small matrix kernels that are compiled for each sequence
-# length they meet and kept for the life of the process, with no cap. Packed rows give every document its own
-# length, so a run would keep compiling kernels until it had met most lengths up to --seq-len, and its memory
-# would keep growing with them (past fp32's). Padded to a multiple of PAD_TO, a run meets seq_len / PAD_TO lengths.
+# On CPU, bf16/fp16 matrix kernels (SDPA's, forward and backward, and the head's matmuls) are compiled for each
+# shape they meet and kept for the life of the process, with no cap. Packed rows give every document its own
+# length and every batch its own count of trained tokens, so a run would keep compiling kernels for new shapes
+# and its memory would keep growing with them (past fp32's). Padded with zero rows to a multiple of PAD_TO, a run
+# meets a few dozen shapes.
 PAD_TO = 64
 
 
+def pad16(t: Tensor, dim: int) -> Tensor:
+    """t with zero rows appended along dim up to a multiple of PAD_TO when it is a 16-bit CPU tensor; else t."""
+    n = -t.shape[dim] % PAD_TO if t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16) else 0
+    return F.pad(t, [0, 0] * (t.ndim - 1 - dim) + [0, n]) if n else t
+
+
 def causal_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """F.scaled_dot_product_attention(q, k, v, is_causal=True) over [B, H, L, D]. On CPU in 16 bits, q, k and v
-    get zero rows at the end up to a multiple of PAD_TO, and the output is cut back to L rows. That is exact:
-    under the causal mask no real row attends to a later (padded) one, and the padded rows' outputs are
-    dropped, so their gradient is zero and they add nothing to dK or dV."""
+    """F.scaled_dot_product_attention(q, k, v, is_causal=True) over [B, H, L, D], L padded by `pad16` and the
+    output cut back to L rows. Exact: under the causal mask no real row attends to a later (padded) one, and the
+    padded rows' outputs are dropped, so their gradient is zero and they add nothing to dK or dV."""
     L = q.shape[2]
-    pad = -L % PAD_TO if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) else 0
-    if pad:
-        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    q, k, v = (pad16(t, 2) for t in (q, k, v))
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)[:, :, :L]
 
 
@@ -119,17 +123,19 @@ class _HeadCE(torch.autograd.Function):
         gh = torch.empty_like(h) if need_h else None  # [n, dim]
         gw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None  # [V, dim]
         for s in range(0, h.shape[0], chunk):
-            hc, y = h[s: s + chunk], labels[s: s + chunk]
+            y = labels[s: s + chunk]
+            c = len(y)
+            hc = pad16(h[s: s + c], 0)  # CPU, 16 bits: zero rows (PAD_TO), cut from loss and dL/dh, 0 in dL/dW
             logits = (hc @ weight.T).float()  # [c, V]; under autocast the matmul runs in the autocast dtype
             logp = torch.log_softmax(logits, dim=-1)  # one fused pass
             del logits
-            total -= logp.gather(1, y[:, None]).sum()
+            total -= logp[:c].gather(1, y[:, None]).sum()
             if need_h or need_w:
                 p = logp.exp_()  # softmax, in place
-                p[torch.arange(len(y), device=y.device), y] -= 1  # - onehot(y)
+                p[torch.arange(c, device=y.device), y] -= 1  # - onehot(y)
                 p = p.to(hc.dtype)
                 if need_h:
-                    gh[s: s + chunk] = p @ weight
+                    gh[s: s + c] = (p @ weight)[:c]
                 if need_w:
                     gw += (p.T @ hc).float()
         ctx.save_for_backward(gh, gw)
