@@ -25,8 +25,8 @@ def test_run_prints_a_short_summary_and_saves_the_full_config(tiny_train_ckpt, t
     assert not any(ln.startswith("config:") for ln in lines)
     assert max(len(ln) for ln in lines) < 200  # paths included; the config line was 1,000 characters
     summary = {ln.split(":")[0].strip(): ln for ln in lines if re.match(r"run: |  (model|data|steps|output): ", ln)}
-    assert summary["run"] == "run: QLoRA: NF4 base + LoRA r 16, alpha 32, dropout 0.05 on wq, wk, wv, wo, w1, w2, w3; fp32 on cpu "
-                              "(--dtype auto: this CPU has no native bf16, neither AVX512-BF16 nor AMX)"
+    assert summary["run"] == ("run: QLoRA: NF4 base + LoRA r 16, alpha 32, dropout 0.05 on wq, wk, wv, wo, w1, w2, w3; "
+                              "fp32 on cpu (--dtype auto: this CPU has no native bf16, neither AVX512-BF16 nor AMX)")
     # tiny_train_ckpt: dim 64, 2 layers, 4 heads (head dim 16), 2 kv heads, FFN hidden = 16 * ceil(2/3 * 256 / 16)
     dim, layers, kv_dim, hidden, vocab = 64, 2, 2 * 16, 176, Tokenizer(str(train.DEMO / "tiny-llama" / "tokenizer.model")).n_words
     n = 2 * vocab * dim + layers * (2 * dim * dim + 2 * dim * kv_dim + 3 * dim * hidden + 2 * dim) + dim
