@@ -72,7 +72,8 @@ BUGS = [
         "+ [0, n]) if n else t",
         "+ [n, 0]) if n else t",
         "tests/test_model.py -k causal_sdpa",
-        "on CPU in bf16, every document's tokens also attend to zero rows placed before it"),
+        "on CPU in bf16, every document's tokens also attend to zero rows placed before it (and the head's chunks "
+        "lose their first rows)"),
     Bug("wk-permuted-with-n-heads", "llama/checkpoint.py",
         '"attention.wk": args.n_kv_heads',
         '"attention.wk": args.n_heads',
