@@ -456,6 +456,7 @@ def report_bad_step(cfg: TrainConfig, run: Run, metrics_f, lr: float, bad_steps:
 
 
 @torch.no_grad()
+@torch.no_grad()  # no graph, and head_ce takes no gradient in its forward
 def evaluate(cfg: TrainConfig, run: Run, data: Data) -> dict:
     run.model.eval()
     total = 0.0
@@ -996,6 +997,24 @@ def stop_on_signal():
             signal.signal(s, handler)
 
 
+def make_run(cfg: TrainConfig, dist: Dist, data: Data, device: torch.device, dtype: torch.dtype,
+             out: Path) -> tuple[Run, bool]:
+    """The model (loaded, quantized or not, adapted, sharded under torchrun for full fine-tuning), its optimizer
+    and the schedule's sizes: (Run at step 0, whether the base is NF4)."""
+    t0 = time.time()
+    vocab_size = data.tokenizer.n_words if data.new_tokens else 0
+    model, quantized = build_model(cfg, device, dtype, vocab_size, load_progress() if dist.rank == 0 else None)
+    dist.say(f"model: loaded{' + NF4-quantized' if quantized else ''} in {time.time() - t0:.1f}s")
+    if cfg.full and dist.world > 1:  # under torchrun, full fine-tuning shards every block (FSDP2)
+        shard_model(model, dist, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    per_step = cfg.batch_size * cfg.grad_accum * dist.world  # rows per optimizer step
+    steps_per_epoch = math.ceil(len(data.rows) / per_step)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    return Run(model, params, make_optimizer(cfg, params, device), device, dtype, dist, out, per_step,
+               steps_per_epoch, total), quantized
+
+
 def train(cfg: TrainConfig, dist: Dist) -> dict:
     """One run: the stages above in order, then the loop (learning rate, one step, the non-finite guard, eval,
     log, save) and the outputs. Returns what OUT/result.json holds."""
@@ -1013,18 +1032,8 @@ def train(cfg: TrainConfig, dist: Dist) -> dict:
                  f"with --ckpt {cfg.ckpt} --data {data.folder} (it brings its --template and --seq-len)")
         return {"data": data.stats}
 
-    t0 = time.time()
-    vocab_size = data.tokenizer.n_words if data.new_tokens else 0
-    model, quantized = build_model(cfg, device, dtype, vocab_size, load_progress() if dist.rank == 0 else None)
-    dist.say(f"model: loaded{' + NF4-quantized' if quantized else ''} in {time.time() - t0:.1f}s")
-    if cfg.full and dist.world > 1:  # under torchrun, full fine-tuning shards every block (FSDP2)
-        shard_model(model, dist, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    per_step = cfg.batch_size * cfg.grad_accum * dist.world  # rows per optimizer step
-    steps_per_epoch = math.ceil(len(data.rows) / per_step)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    run = Run(model, params, make_optimizer(cfg, params, device), device, dtype, dist, out, per_step, steps_per_epoch,
-              total)
+    run, quantized = make_run(cfg, dist, data, device, dtype, out)
+    model, total, per_step, steps_per_epoch = run.model, run.total, run.per_step, run.steps_per_epoch
     start_run(cfg, run, data, quantized)
     gen_eval = read_gen_eval(cfg.gen_eval) if cfg.gen_eval and not dist.fsdp else None  # needs the whole model
     before = exact_match(model, data.tokenizer, gen_eval, cfg.template) if gen_eval and run.step == 0 else None
